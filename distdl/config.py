@@ -1,0 +1,235 @@
+"""Typed run configuration: dataclasses, YAML files and `--set section.field=value` overrides.
+
+Every field is checked when the config is built, so a typo or a value of the wrong type fails
+before Ray starts, with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distdl.errors import UserError
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "digits"
+    """Dataset name or URI: digits, shapes, imagefolder:PATH, parquet:PATH or cifar10:PATH."""
+    val_fraction: float = 0.2
+    """Share of the examples held out for validation (a seeded, deterministic split)."""
+    image_size: int | None = None
+    """Side in pixels that images are resized to; None keeps the source's own size."""
+    num_samples: int = 4000
+    """How many images the generated `shapes` source makes (train and validation together)."""
+    image_column: str = "image"
+    """Parquet sources: the column of encoded images (bytes) or pixel arrays."""
+    label_column: str = "label"
+    """Parquet sources: the column of class labels (integers or strings)."""
+    cache_max_mb: int = 2048
+    """A worker keeps its shard in memory as tensors when it is smaller than this (MiB)."""
+    seed: int = 0
+    """Seed of the train/validation split and of generated data."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
+        _check(self.image_size is None or 4 <= self.image_size <= 1024,
+               "data.image_size must be between 4 and 1024 pixels (or null)")
+        _check(self.num_samples >= 20, "data.num_samples must be at least 20")
+        _check(self.cache_max_mb >= 0, "data.cache_max_mb must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "small_cnn"
+    """small_cnn, resnet18, or torchvision:NAME for any torchvision classifier (random init)."""
+    width: int = 32
+    """Channels of the first convolution; later stages scale from it."""
+    depth: int = 2
+    """small_cnn: number of conv blocks (each halves the resolution)."""
+    dropout: float = 0.1
+    """Dropout before the classifier."""
+    batch_norm: bool = True
+    """small_cnn: batch norm after each convolution (off for exact DDP-vs-single checks)."""
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "model.width must be >= 1")
+        _check(1 <= self.depth <= 6, "model.depth must be between 1 and 6")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    """SGD with Nesterov momentum, or AdamW."""
+    lr: float = 3e-3
+    """Peak learning rate for the global batch (it does not change with the worker count)."""
+    momentum: float = 0.9
+    """SGD momentum (AdamW uses it as beta1)."""
+    weight_decay: float = 5e-4
+    """Decoupled weight decay, applied to weights but not to biases and norms."""
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    """cosine: linear warm-up then cosine decay to zero; onecycle: PyTorch's OneCycleLR."""
+    warmup_epochs: float = 1.0
+    """Epochs of linear warm-up before the cosine decay."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 15
+    """Epochs to train in total; a resumed run continues up to this number."""
+    batch_size: int = 64
+    """Global batch size: each of N workers takes batch_size / N, so N does not change the math."""
+    num_workers: int = 2
+    """Ray Train workers, one DDP rank each."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; on CPU, gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; also its torch thread count."""
+    amp: bool = True
+    """GPU only: automatic mixed precision, bf16 where supported, else fp16 with a grad scaler."""
+    channels_last: bool = True
+    """GPU only: channels-last memory format for convolutions."""
+    compile: bool = False
+    """torch.compile the model (slow to start; pays off for long GPU runs)."""
+    keep_checkpoints: int = 2
+    """Best checkpoints kept by validation accuracy (the latest is always kept too, to resume)."""
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    seed: int = 0
+    """Seed of weight init and of the per-epoch shuffle."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.batch_size >= self.num_workers,
+               "train.batch_size must be at least train.num_workers (one example per worker)")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures must be >= 0")
+
+    def batch_size_per_worker(self) -> int:
+        return self.batch_size // self.num_workers
+
+
+@dataclass(kw_only=True)
+class Config:
+    name: str = "digits"
+    """Run name: the folder under the storage path; rerunning a name resumes it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+               "name must be a plain folder name (no '/')")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        return _build(cls, raw, prefix="")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a nested dict, checking names and types on the way."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise UserError(f"unknown config field '{prefix}{key}'; known: {', '.join(sorted(names))}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """Return `value` as type `kind`, or raise UserError naming the field and the expected type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if kind is float and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except (TypeError, ValueError):
+            pass
+    if kind in (int, str, bool) and type(value) is kind:
+        return value
+    raise UserError(f"{name} must be of type {getattr(kind, '__name__', kind)}; got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.field=value` to a nested dict; the value is parsed as YAML (3, 1e-3, true)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects section.field=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `extra` into a copy of `base`."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,99 @@
+"""Connecting to Ray and choosing devices: the one place that knows about either.
+
+A local Ray binds to 127.0.0.1 only. The checks here turn "this will wait forever" situations
+(more workers than the cluster can ever place, GPUs that do not exist) into a clear UserError.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from distdl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one on loopback.
+
+    Returns the address other processes can use to join the same Ray instance.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return _gcs_address()
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {first} "
+                            "(is it running? check --address or RAY_ADDRESS)") from None
+        return _gcs_address()
+    from ray._private import ray_constants
+
+    # Ray resolves 127.0.0.1 to the machine's routable address unless "cluster mode" is off;
+    # with it off, every Ray process of the local instance binds to loopback only.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return _gcs_address()
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def local_cpus(reserved: float) -> int:
+    """Logical CPUs for a local Ray: at least the machine's, plus one for data tasks.
+
+    Training workers hold their CPUs for the whole run; Ray Data's read and split tasks need a
+    CPU of their own at the same time, or the first epoch waits for them forever.
+    """
+    return max(os.cpu_count() or 1, int(reserved + 0.999)) + 1
+
+
+def check_placeable(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Fail fast when the cluster can never host the worker group (instead of waiting forever)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_worker = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    fits = sum(
+        int(min(n["Resources"].get(k, 0.0) / v for k, v in per_worker.items() if v > 0))
+        for n in nodes
+    )
+    if fits < num_workers:
+        total = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in per_worker}
+        have = ", ".join(f"{v:g} {k}" for k, v in total.items())
+        raise UserError(
+            f"{num_workers} workers needing {_fmt(per_worker)} each can never be placed on this "
+            f"cluster ({have} in total, at most {fits} such workers); lower train.num_workers "
+            "or train.cpus_per_worker, or add nodes"
+        )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return " + ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for `device`: bf16 where supported, fp16 otherwise, None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
