@@ -1,0 +1,72 @@
+"""Model registry: a ModelConfig and the data's shape in, a plain randomly initialized nn.Module out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from distdl.config import ModelConfig
+from distdl.errors import UserError
+from distdl.models.cnn import SmallCNN
+from distdl.models.resnet import ResNet18
+
+__all__ = ["ResNet18", "SmallCNN", "build_model", "model_names"]
+
+TORCHVISION = "torchvision:"
+
+# Builder arguments some torchvision models need to train as plain classifiers on our inputs:
+# auxiliary heads would make forward return a tuple in training mode, and skipping their slow
+# scipy-based init also silences a FutureWarning.
+_TV_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
+def model_names() -> list[str]:
+    """Every name build_model accepts: our own models, then each torchvision classifier."""
+    return ["small_cnn", "resnet18"] + [TORCHVISION + n for n in _torchvision_names()]
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Build the model `cfg.name` names, randomly initialized, for the given classes and input shape."""
+    if cfg.name == "small_cnn":
+        return SmallCNN(in_channels, num_classes, width=cfg.width, depth=cfg.depth,
+                        dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+    if cfg.name == "resnet18":
+        return ResNet18(in_channels, num_classes, image_size=image_size, width=cfg.width,
+                        dropout=cfg.dropout)
+    if cfg.name.startswith(TORCHVISION):
+        return _torchvision_model(cfg.name.removeprefix(TORCHVISION), num_classes, in_channels, image_size)
+    raise UserError(f"unknown model '{cfg.name}'; choose small_cnn, resnet18 or torchvision:NAME "
+                    "(e.g. torchvision:mobilenet_v3_small)")
+
+
+def _torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A torchvision classifier with random weights, its first conv adapted to `in_channels`."""
+    if name not in _torchvision_names():
+        raise UserError(f"unknown torchvision model '{name}'; choose one of: "
+                        + ", ".join(_torchvision_names()))
+    kwargs = dict(_TV_KWARGS.get(name, {}))
+    if name.startswith("vit_"):
+        kwargs["image_size"] = image_size  # ViTs size their position embeddings to the input
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap the first Conv2d for a fresh one with the same settings but `in_channels` inputs."""
+    path, old = next((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    parent_path, _, attr = path.rpartition(".")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride,
+                    padding=old.padding, dilation=old.dilation, groups=old.groups,
+                    bias=old.bias is not None, padding_mode=old.padding_mode)
+    setattr(model.get_submodule(parent_path), attr, new)
