@@ -1,0 +1,87 @@
+"""Pure image transforms shared by training, batch inference and serving (numpy, PIL, torch; no Ray).
+
+Images travel as uint8 arrays in HWC order (a batch is NHWC) until the model's input, where
+`to_float_chw` makes float32 NCHW in [0, 1] and `normalize` applies the training statistics.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+Size = int | tuple[int, int]
+"""A square side in pixels, or (height, width)."""
+
+
+def to_float_chw(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, H, W, C) -> float32 tensor (N, C, H, W) with values in [0, 1]."""
+    import torch  # here, not at the top: Ray Data decode tasks import this module, torch costs seconds
+
+    images = images_uint8_nhwc
+    if isinstance(images, np.ndarray):
+        # Ray hands out read-only views; torch warns on those, and copying uint8 is cheap.
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    return images.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel of an (N, C, H, W) float tensor; returns a new tensor."""
+    import torch
+
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x - mean_t) / std_t
+
+
+def resize_uint8(image_hwc: np.ndarray, size: Size) -> np.ndarray:
+    """Resize a uint8 (H, W, C) image to `size`, keeping its channels (bilinear, antialiased)."""
+    height, width = _hw(size)
+    if image_hwc.shape[:2] == (height, width):
+        return image_hwc
+    # Pillow resizes channels independently, so one path serves any channel count.
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image_hwc[..., c]))
+                   .resize((width, height), Image.Resampling.BILINEAR))
+        for c in range(image_hwc.shape[2])
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: int) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to uint8 (H, W, channels), resized to `size` when given.
+
+    `channels` is 1 (mode L) or 3 (RGB; alpha is dropped). Raises ValueError when the data is
+    not a readable image or has more than `max_pixels` pixels (a decompression-bomb guard).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise ValueError(f"image of {img.width}x{img.height} pixels is larger than "
+                                 f"{max_pixels} pixels")
+            img = img.convert("L" if channels == 1 else "RGB")  # decodes; raises on bad data
+            if size is not None:
+                height, width = _hw(size)
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img)
+    except ValueError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types on corrupt data
+        raise ValueError(f"not a readable image: {exc}") from None
+    return pixels[..., None] if channels == 1 else pixels
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
