@@ -6,6 +6,7 @@ before Ray starts, with a message that names the field and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -233,3 +234,11 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def resolve(recipe: dict[str, Any], path: str | Path | None, overrides: list[str]) -> Config:
+    """Layer a recipe, an optional YAML file and `--set` assignments, then validate."""
+    raw = copy.deepcopy(merge(recipe, load_yaml(path)) if path else recipe)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return Config.from_dict(raw)

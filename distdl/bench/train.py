@@ -1,0 +1,101 @@
+"""`distdl bench train`: the distdl training loop against a bare PyTorch loop, in one run.
+
+Both train the same model on the same in-memory training split with the same global batch and
+the same total CPU threads. Steady state leaves out the first epoch of each (start-up, caches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distdl import provenance, runtime
+from distdl.config import Config
+from distdl.data.transforms import normalize, to_float_chw
+from distdl.models import build_model
+from distdl.train import rundir, trainer
+
+
+def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
+    import ray
+
+    if cfg.train.epochs < 2:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
+    runtime.connect(None, num_cpus=runtime.local_cpus(threads))
+    with tempfile.TemporaryDirectory() as storage:
+        result = trainer.train(cfg, storage=storage, run_dir=Path(storage) / cfg.name)
+        history = rundir.read_metrics(Path(storage) / cfg.name)
+    ended = time.time()
+    images, labels = _training_tensors(cfg)
+    ray.shutdown()  # the baseline gets the machine to itself
+    bare = bare_loop(cfg, images, labels, threads=threads)
+    distdl_rate = statistics.mean(m["samples_per_s"] for m in history[1:])
+    return {
+        "distdl_samples_per_s": round(distdl_rate, 1),
+        "bare_samples_per_s": round(bare, 1),
+        "ratio_vs_bare": round(distdl_rate / bare, 3),
+        "seconds_to_first_step": round(history[0]["started_at"] - command_started, 2),
+        "seconds_to_end": round(ended - command_started, 2),
+        "best_val_accuracy": result["best_val_accuracy"],
+        "epochs": cfg.train.epochs,
+        "workers": cfg.train.num_workers,
+        "threads": threads,
+        "model": cfg.model.name,
+        "data": cfg.data.source,
+        "provenance": provenance.collect(),
+    }
+
+
+def _training_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split, normalized, exactly as the distdl workers hold it."""
+    data = trainer.prepare_data(cfg)
+    batches = list(data.images.train.iter_batches(batch_size=None, batch_format="numpy"))
+    images = torch.from_numpy(np.concatenate([b["image"] for b in batches]))
+    labels = torch.from_numpy(np.concatenate([b["label"] for b in batches]).astype(np.int64))
+    norm = data.normalization
+    return normalize(to_float_chw(images), norm["mean"], norm["std"]), labels
+
+
+def bare_loop(cfg: Config, images: torch.Tensor, labels: torch.Tensor, *, threads: int) -> float:
+    """Steady-state samples/s of the plainest PyTorch loop: shuffle, slice, step."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, num_classes=int(labels.max()) + 1,
+                        in_channels=images.shape[1], image_size=images.shape[2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    rates = []
+    batch = cfg.train.batch_size
+    for _ in range(cfg.train.epochs):
+        started, order = time.perf_counter(), torch.randperm(len(labels))
+        steps = len(labels) // batch
+        model.train()
+        for i in range(steps):
+            index = order[i * batch:(i + 1) * batch]
+            loss = loss_fn(model(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        rates.append(steps * batch / (time.perf_counter() - started))
+    return statistics.mean(rates[1:])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    return "\n".join([
+        f"{report['model']} on {report['data']}, {report['epochs']} epochs, "
+        f"{report['workers']} workers / {report['threads']} threads in total",
+        f"  distdl (Ray Train, DDP)   {report['distdl_samples_per_s']:>10,.0f} samples/s",
+        f"  bare PyTorch loop         {report['bare_samples_per_s']:>10,.0f} samples/s",
+        f"  ratio vs bare             {report['ratio_vs_bare']:>10.3f}",
+        f"  command start -> first step  {report['seconds_to_first_step']:.1f} s",
+        f"  command start -> end         {report['seconds_to_end']:.1f} s",
+    ])

@@ -1,0 +1,60 @@
+"""One Predictor for every front end: evaluation, Ray Data batch inference and Ray Serve.
+
+It applies exactly the preprocessing of training (uint8 HWC -> float CHW -> normalize with the
+statistics stored in the checkpoint), so a served model sees what the trained model saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distdl import runtime
+from distdl.data.transforms import normalize, resize_uint8, to_float_chw
+from distdl.train import checkpoint
+
+
+class Predictor:
+    def __init__(self, model: nn.Module, meta: dict[str, Any], device: torch.device | None = None):
+        self.device = device or torch.device("cuda" if runtime.cuda_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.classes: list[str] = meta["classes"]
+        self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
+        self._mean = meta["normalization"]["mean"]
+        self._std = meta["normalization"]["std"]
+        self._dtype = runtime.autocast_dtype(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device | None = None) -> Predictor:
+        model, meta = checkpoint.load_model(path)
+        return cls(model, meta, device)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 images (N, H, W, C), resized to the model's input if needed -> model input."""
+        channels, height, width = self.input_shape
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.shape[1:3] != (height, width):
+            images = np.stack([resize_uint8(image, height) for image in images])
+        if images.shape[3] != channels:
+            raise ValueError(f"images have {images.shape[3]} channels; the model takes {channels}")
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return normalize(to_float_chw(x), self._mean, self._std)
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, num_classes) for uint8 images (N, H, W, C)."""
+        x = self.preprocess(images)
+        if self._dtype is not None:
+            with torch.autocast(self.device.type, dtype=self._dtype):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()

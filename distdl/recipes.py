@@ -1,0 +1,45 @@
+"""Named presets: a recipe is a partial config that `--config` files and `--set` refine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distdl.errors import UserError
+
+DEFAULT = "digits_cpu"
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The real handwritten digits (1,797 8x8 images) on CPU: about a minute on 2 cores.
+    "digits_cpu": {
+        "name": "digits",
+        "data": {"source": "digits"},
+        "model": {"name": "small_cnn", "width": 32, "depth": 2},
+        "optim": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4},  # lr per batch of 64
+        "train": {"epochs": 15, "batch_size": 64, "num_workers": 2},
+    },
+    # ResNet-18 on 50,000 generated 32x32 shape images, one GPU per worker. The global batch is
+    # fixed, so `--set train.num_workers=N` spreads the same optimization over N GPUs.
+    "shapes_resnet18_gpu": {
+        "name": "shapes-resnet18",
+        "data": {"source": "shapes", "num_samples": 50_000, "image_size": 32},
+        "model": {"name": "resnet18", "width": 64, "dropout": 0.0},
+        "optim": {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 5e-4,
+                  "schedule": "onecycle", "label_smoothing": 0.1},  # lr per batch of 512
+        "train": {"epochs": 20, "batch_size": 512, "num_workers": 1, "use_gpu": True,
+                  "cpus_per_worker": 4, "amp": True, "channels_last": True},
+    },
+    # Seconds on CPU: what tests and smoke checks run.
+    "debug": {
+        "name": "debug",
+        "data": {"source": "digits"},
+        "model": {"name": "small_cnn", "width": 8, "depth": 2},
+        "optim": {"lr": 1e-2, "warmup_epochs": 0},
+        "train": {"epochs": 2, "batch_size": 64, "num_workers": 2, "max_failures": 0},
+    },
+}
+
+
+def get(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name]

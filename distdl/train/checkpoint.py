@@ -1,0 +1,116 @@
+"""The checkpoint directory that connects every stage.
+
+    model.pt        the model's state_dict (tensors only: loads with torch.load(weights_only=True))
+    meta.json       what is needed to rebuild and use the model: architecture, classes, input
+                    shape, normalization, data source, metrics, versions
+    train_state.pt  optimizer, schedule and epoch, to resume training (tensors and numbers only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import distdl
+from distdl.config import DataConfig, ModelConfig
+from distdl.errors import UserError
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+TRAIN_STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+def make_meta(
+    *,
+    model: ModelConfig,
+    classes: list[str],
+    input_shape: tuple[int, int, int],
+    normalization: dict[str, list[float]],
+    data: DataConfig,
+) -> dict[str, Any]:
+    """Everything about a checkpoint that does not change from epoch to epoch."""
+    return {
+        "format": FORMAT_VERSION,
+        "task": "image_classification",
+        "model": dataclasses.asdict(model),
+        "classes": list(classes),
+        "input_shape": list(input_shape),
+        "normalization": normalization,
+        "data_source": data.source,
+        "data": dataclasses.asdict(data),
+        "versions": {
+            "distdl": distdl.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def save(
+    directory: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE_FILE)
+    return directory
+
+
+def load_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise UserError(f"not a distdl checkpoint: {directory} has no {META_FILE}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"corrupt checkpoint metadata {path}: {exc}") from None
+    missing = {"model", "classes", "input_shape", "normalization"} - meta.keys()
+    if missing:
+        raise UserError(f"corrupt checkpoint metadata {path}: missing {', '.join(sorted(missing))}")
+    return meta
+
+
+def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"not a distdl checkpoint: {directory} has no {MODEL_FILE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UserError(f"corrupt checkpoint weights {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model described by `meta.json` and load its weights (CPU, eval mode)."""
+    from distdl.models import build_model
+
+    meta = load_meta(directory)
+    channels, height, _ = meta["input_shape"]
+    model = build_model(
+        ModelConfig(**meta["model"]),
+        num_classes=len(meta["classes"]),
+        in_channels=channels,
+        image_size=height,
+    )
+    try:
+        model.load_state_dict(load_state_dict(directory))
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {directory} does not match its meta.json: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model.eval(), meta
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)

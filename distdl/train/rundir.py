@@ -1,0 +1,49 @@
+"""The run directory of `distdl train`: config.yaml, metrics.jsonl, result.json, curves.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+CURVES_FILE = "curves.png"
+
+
+def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config, sort_keys=False)
+    header = "".join(f"# {k}: {v}\n" for k, v in provenance.items())
+    (run_dir / CONFIG_FILE).write_text(header + text)
+
+
+def record_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Add one epoch's line, replacing any lines of this epoch or later.
+
+    After a restore from the checkpoint of epoch k, epochs k+1... run again; dropping their old
+    lines keeps exactly one line per epoch.
+    """
+    kept = [m for m in read_metrics(run_dir) if m["epoch"] < metrics["epoch"]]
+    lines = [json.dumps(m) for m in [*kept, metrics]]
+    tmp = run_dir / (METRICS_FILE + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(run_dir / METRICS_FILE)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def read_result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / RESULT_FILE).read_text())

@@ -1,0 +1,203 @@
+"""The driver of a training run: data, resources, the TorchTrainer, and the run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from distdl import provenance, runtime
+from distdl.config import Config
+from distdl.data.sources import ImageData, load_images, normalization_stats
+from distdl.errors import UserError
+from distdl.models import build_model
+from distdl.train import checkpoint, rundir
+from distdl.train.worker import WorkerSpec, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(Exception):
+    """Training failed inside Ray and the restarts allowed by train.max_failures ran out."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Datasets and what was learned from them once, on the driver, for every worker and trial."""
+
+    images: ImageData
+    normalization: dict[str, list[float]]
+    train_rows: int
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    images = load_images(cfg.data)
+    return PreparedData(images, normalization_stats(images.train), images.train.count())
+
+
+def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
+    """Decide, once, how workers hold their shard and how many steps an epoch has."""
+    rows_per_worker = data.train_rows // cfg.train.num_workers
+    steps = rows_per_worker // cfg.train.batch_size_per_worker()
+    if steps == 0:
+        raise UserError(
+            f"train.batch_size {cfg.train.batch_size} is larger than the {data.train_rows} "
+            f"training examples allow for {cfg.train.num_workers} workers; lower train.batch_size"
+        )
+    channels, height, width = data.images.image_shape
+    # Built once here so a bad model name or argument fails before any worker starts.
+    model = build_model(cfg.model, num_classes=len(data.images.classes), in_channels=channels,
+                        image_size=height)
+    shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
+    meta = checkpoint.make_meta(
+        model=cfg.model,
+        classes=data.images.classes,
+        input_shape=data.images.image_shape,
+        normalization=data.normalization,
+        data=cfg.data,
+    )
+    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    return WorkerSpec(config=cfg, meta=meta, in_memory=shard_mb <= cfg.data.cache_max_mb,
+                      steps_per_epoch=steps)
+
+
+class _WholeValidation(ray.train.DataConfig):
+    """Splits the training rows equally and the validation rows without dropping any.
+
+    Train's default equal split drops up to N-1 rows so that every DDP rank takes the same steps;
+    validation takes no steps, and dropping rows would make the accuracy that of a subset.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        # Ray Train V2 configures one dataset per call.
+        others = {name: ds for name, ds in datasets.items() if name != "val"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self._resolve_execution_options("val")
+            for shard, split in zip(output, val.streaming_split(world_size, equal=False)):
+                shard["val"] = split
+        return output
+
+
+class EpochRecorder(ray.train.UserCallback):
+    """Writes each reported epoch to metrics.jsonl (runs in the Train controller, on this node)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        line = dict(metrics[0])
+        line["nodes"] = [m.get("node", "") for m in metrics]
+        rundir.record_epoch(self.run_dir, line)
+
+
+def build_trainer(
+    cfg: Config,
+    data: PreparedData,
+    *,
+    storage: str,
+    callbacks: list[ray.train.UserCallback] = (),
+    name: str | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for `cfg`; `distdl train` and each Tune trial build it the same way."""
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+    )
+    run = ray.train.RunConfig(
+        name=name or cfg.name,
+        storage_path=storage,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints,
+            checkpoint_score_attribute="val_accuracy",
+            checkpoint_score_order="max",
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": worker_spec(cfg, data)},
+        scaling_config=scaling,
+        run_config=run,
+        datasets={"train": data.images.train, "val": data.images.val},
+        dataset_config=_WholeValidation(),
+    )
+
+
+def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) training for `cfg`; write the run directory and return result.json."""
+    started = time.time()
+    storage = normalize_storage(storage)
+    runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
+    data = prepare_data(cfg)
+    rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())
+    trainer = build_trainer(cfg, data, storage=storage, callbacks=[EpochRecorder(run_dir)])
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(_failure_line(exc)) from None
+    history = rundir.read_metrics(run_dir)
+    summary = summarize(result, history, storage, started, skipped=data.images.skipped)
+    rundir.write_result(run_dir, summary)
+    if history:
+        from distdl.plots import training_curves
+
+        training_curves(history, run_dir / rundir.CURVES_FILE)
+    return summary
+
+
+def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: str,
+              started: float, *, skipped: int) -> dict[str, Any]:
+    best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"], default=None)
+    return {
+        "best_checkpoint": _uri(storage, best[0].path) if best else None,
+        "best_val_accuracy": best[1]["val_accuracy"] if best else None,
+        "latest_checkpoint": _uri(storage, result.checkpoint.path) if result.checkpoint else None,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "wall_s": round(time.time() - started, 2),
+        "worker_nodes": history[-1].get("nodes", []) if history else [],
+        "skipped_images": skipped,
+        "storage": storage,
+    }
+
+
+def default_run_dir(storage: str, name: str) -> Path:
+    """STORAGE/NAME for local storage (checkpoints and run files side by side), else ./runs/NAME."""
+    if "://" in storage:
+        return Path("runs") / name
+    return Path(storage).expanduser().resolve() / name
+
+
+def _failure_line(exc: Exception) -> str:
+    """The worker's own error line ("ValueError: ...") out of Ray's multi-line report."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))]
+    return errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
+
+
+def normalize_storage(storage: str) -> str:
+    """An absolute local path, or a URI that pyarrow can open (s3://, gs://, ...)."""
+    if "://" not in storage:
+        path = Path(storage).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
+        raise UserError(f"cannot use storage {storage}: {str(exc).splitlines()[0]}") from None
+    return storage
+
+
+def _uri(storage: str, path: str) -> str:
+    if "://" in storage:
+        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path

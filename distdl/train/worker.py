@@ -1,0 +1,165 @@
+"""What each Ray Train worker runs: set up one DDP rank, restore, train, evaluate, report."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distdl import runtime
+from distdl.config import Config
+from distdl.models import build_model
+from distdl.train import checkpoint, loop
+from distdl.train.shard import Shard, StreamingShard, load_in_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, decided once on the driver."""
+
+    config: Config
+    meta: dict[str, Any]
+    """Checkpoint metadata fixed for the run (classes, input shape, normalization, ...)."""
+    in_memory: bool
+    """Keep the shard in memory as tensors (it fits the budget) instead of streaming it."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch on every rank; equal on all ranks, or DDP would hang."""
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    """What runs the steps: DDP-wrapped, perhaps compiled."""
+    raw: nn.Module
+    """The plain module whose state_dict goes into checkpoints."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    start_epoch: int
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    spec: WorkerSpec = loop_config["spec"]
+    cfg = spec.config
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    train_data = _shard("train", spec, device, channels_last)
+    val_data = _shard("val", spec, device, channels_last)
+    setup = _setup(spec, device, channels_last)
+    fit(setup, spec, train_data, val_data, device)
+
+
+def _shard(name: str, spec: WorkerSpec, device: torch.device, channels_last: bool) -> Shard:
+    iterator = ray.train.get_dataset_shard(name)
+    norm = spec.meta["normalization"]
+    if spec.in_memory:
+        return load_in_memory(iterator, norm["mean"], norm["std"], device, channels_last)
+    return StreamingShard(iterator, norm["mean"], norm["std"], device, channels_last)
+
+
+def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool) -> _Setup:
+    cfg = spec.config
+    torch.manual_seed(cfg.train.seed)
+    channels, size, _ = spec.meta["input_shape"]
+    raw = build_model(cfg.model, num_classes=len(spec.meta["classes"]),
+                      in_channels=channels, image_size=size)
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = loop.make_optimizer(raw, cfg.optim)
+    scheduler = loop.make_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs,
+                                    steps_per_epoch=spec.steps_per_epoch)
+    dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    start_epoch = _restore(raw, optimizer, scheduler, scaler)
+    # Restore before wrapping: DDP broadcasts rank 0's weights to the other ranks at wrap time.
+    model = ray.train.torch.prepare_model(raw)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return _Setup(model, raw, optimizer, scheduler, scaler, start_epoch)
+
+
+def _restore(raw, optimizer, scheduler, scaler) -> int:
+    """Load the latest checkpoint of this run, if any; returns the first epoch to train."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 1
+    with ckpt.as_directory() as directory:
+        raw.load_state_dict(checkpoint.load_state_dict(directory))
+        state = checkpoint.load_train_state(directory)
+    optimizer.load_state_dict(state["optimizer"])
+    loop.resume_schedule(scheduler, state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    log.info("restored from the checkpoint of epoch %d", state["epoch"])
+    return state["epoch"] + 1
+
+
+def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard,
+        device: torch.device) -> None:
+    cfg = spec.config
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
+        started = time.time()
+        batches = train_data.batches(cfg.train.batch_size_per_worker(), shuffle=True,
+                                     seed=cfg.train.seed * 100_003 + epoch * 101 + rank,
+                                     drop_last=True)
+        batches = itertools.islice(batches, spec.steps_per_epoch)
+        train = loop.train_epoch(setup.model, batches, setup.optimizer, setup.scheduler,
+                                 loss_fn, autocast_dtype=dtype, scaler=setup.scaler)
+        train_s = time.time() - started
+        val = loop.evaluate(setup.model, val_data.batches(1024, shuffle=False, seed=0,
+                                                          drop_last=False), autocast_dtype=dtype)
+        metrics = _epoch_metrics(epoch, started, train_s, train, val, device)
+        metrics["lr"] = setup.scheduler.get_last_lr()[0]
+        metrics["node"] = ray.get_runtime_context().get_node_id()
+        _report(setup, spec, metrics, rank)
+
+
+def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, device) -> dict:
+    """Sum this rank's figures with the other ranks' and turn them into epoch metrics."""
+    both = torch.cat([train.as_tensor(), val.as_tensor()]).to(device)
+    if dist.is_initialized():
+        dist.all_reduce(both)
+    t_loss, _, t_count, v_loss, v_correct, v_count = both.tolist()
+    return {
+        "epoch": epoch,
+        "train_loss": t_loss / max(t_count, 1),
+        "val_loss": v_loss / max(v_count, 1),
+        "val_accuracy": v_correct / max(v_count, 1),
+        "samples_per_s": t_count / max(train_s, 1e-9),
+        "epoch_s": time.time() - started,
+        "started_at": started,
+    }
+
+
+def _report(setup: _Setup, spec: WorkerSpec, metrics: dict, rank: int) -> None:
+    """Report the epoch's metrics from every rank, with a checkpoint written by rank 0."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        state = {
+            "epoch": metrics["epoch"],
+            "optimizer": setup.optimizer.state_dict(),
+            "scheduler": setup.scheduler.state_dict(),
+        }
+        if setup.scaler is not None:
+            state["scaler"] = setup.scaler.state_dict()
+        meta = {**spec.meta, "epoch": metrics["epoch"], "metrics": metrics}
+        checkpoint.save(directory, setup.raw, meta, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -1,0 +1,42 @@
+"""Every mistake a user can make in `distdl train` ends in one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.integration.cli import run_cli
+
+
+def _parquet_without_label(tmp_path) -> str:
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": [[0] * 64] * 4, "target": [0, 1, 0, 1]}), path)
+    return str(path)
+
+
+CASES = [
+    (["--set", "data.source=mnist"], "unknown dataset 'mnist'"),
+    (["--set", "model.name=vgg99"], "unknown model 'vgg99'"),
+    (["--recipe", "fastest"], "unknown recipe 'fastest'"),
+    (["--set", "data.source=imagefolder:/no/such/folder"], "path not found: /no/such/folder"),
+    (["--config", "/no/such/config.yaml"], "config file not found"),
+    (["--set", "train.epochz=3"], "unknown config field 'train.epochz'"),
+    (["--set", "train.epochs=many"], "train.epochs must be of type int"),
+    (["--set", "train.num_workers=64"], "64 workers needing 1 CPU each can never be placed"),
+    (["--set", "train.use_gpu=true"], "can never be placed"),
+    (["--set", "data.source=parquet:{parquet}"], "has no column 'label' (data.label_column)"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[c[1][:30] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(args, message, ray_address, tmp_path):
+    args = [a.replace("{parquet}", _parquet_without_label(tmp_path)) if "{parquet}" in a else a
+            for a in args]
+    done = run_cli("train", "--recipe", "debug", "--storage", str(tmp_path), *args,
+                   address=ray_address, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,0 +1,83 @@
+"""`distdl train` and `distdl evaluate` for real: a local Ray, DDP over 2 workers, digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distdl.train import checkpoint, rundir
+from tests.integration.cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def digits_run(ray_address, tmp_path_factory):
+    """The default `distdl train` (the digits_cpu recipe), once for the module."""
+    storage = tmp_path_factory.mktemp("storage")
+    done = run_cli("train", "--storage", str(storage), address=ray_address, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return storage / "digits", done.stdout
+
+
+@pytest.mark.slow
+def test_default_run_reaches_97_percent_and_writes_the_run_directory(digits_run):
+    run_dir, stdout = digits_run
+    result = rundir.read_result(run_dir)
+    history = rundir.read_metrics(run_dir)
+    assert result["best_val_accuracy"] >= 0.97
+    assert result["epochs_completed"] == 15
+    assert [m["epoch"] for m in history] == list(range(1, 16))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(m["val_accuracy"] for m in history) == result["best_val_accuracy"]
+    for name in ("config.yaml", "curves.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "epoch  15/15" in stdout and "best validation accuracy" in stdout
+    assert Path(result["best_checkpoint"]).parent == run_dir
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_weights_only_and_metadata_round_trips(digits_run):
+    run_dir, _ = digits_run
+    best = Path(rundir.read_result(run_dir)["best_checkpoint"])
+    state = torch.load(best / checkpoint.MODEL_FILE, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    torch.load(best / checkpoint.TRAIN_STATE_FILE, weights_only=True)
+    meta = json.loads((best / checkpoint.META_FILE).read_text())
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert meta["input_shape"] == [1, 8, 8]
+    assert meta["model"]["name"] == "small_cnn" and meta["data_source"] == "digits"
+    assert len(meta["normalization"]["mean"]) == 1 and meta["normalization"]["std"][0] > 0
+    model, loaded = checkpoint.load_model(best)
+    assert loaded == meta
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_reported_accuracy(digits_run, ray_address, tmp_path):
+    run_dir, _ = digits_run
+    result = rundir.read_result(run_dir)
+    done = run_cli("evaluate", result["best_checkpoint"], "--output", str(tmp_path),
+                   address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
+    assert sum(row["count"] for row in report["per_class"].values()) == report["examples"]
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+    assert f"accuracy {report['accuracy']:.4f}" in done.stdout
+
+
+@pytest.mark.slow
+def test_rerunning_a_name_resumes_at_the_next_epoch(ray_address, tmp_path):
+    common = ("train", "--recipe", "debug", "--name", "resume", "--storage", str(tmp_path))
+    first = run_cli(*common, "--set", "train.epochs=2", address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = rundir.read_metrics(tmp_path / "resume")
+    second = run_cli(*common, "--set", "train.epochs=4", address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = rundir.read_metrics(tmp_path / "resume")
+    assert [m["epoch"] for m in after] == [1, 2, 3, 4]
+    assert after[:2] == before  # epochs 1 and 2 were not trained again
+    assert "epoch   1/4" not in second.stdout and "epoch   3/4" in second.stdout
+    assert rundir.read_result(tmp_path / "resume")["epochs_completed"] == 4

@@ -1,0 +1,58 @@
+import pytest
+
+from distdl import recipes
+from distdl.config import Config, resolve
+from distdl.errors import UserError
+
+
+def test_defaults_resolve_to_the_digits_recipe():
+    cfg = resolve(recipes.get(recipes.DEFAULT), None, [])
+    assert cfg.data.source == "digits"
+    assert cfg.train.num_workers == 2
+    assert cfg.train.batch_size_per_worker() == 32
+
+
+def test_overrides_parse_values_by_field_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\noptim:\n  lr: 1e-3\n")
+    cfg = resolve(recipes.get("debug"), path, ["train.num_workers=4", "optim.lr=2e-4",
+                                              "data.image_size=null", "model.batch_norm=false"])
+    assert cfg.train.epochs == 7
+    assert cfg.train.num_workers == 4
+    assert cfg.optim.lr == pytest.approx(2e-4)
+    assert cfg.data.image_size is None
+    assert cfg.model.batch_norm is False
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = resolve(recipes.get("shapes_resnet18_gpu"), None, [])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.epochz=3", "unknown config field 'train.epochz'"),
+    ("train.epochs=three", "train.epochs must be of type int"),
+    ("train.epochs=2.5", "train.epochs must be of type int"),
+    ("optim.optimizer=adam", "optim.optimizer must be one of sgd, adamw"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("train.use_gpu=maybe", "train.use_gpu must be of type bool"),
+    ("nosuch.field=1", "unknown config field 'nosuch'"),
+    ("train", "--set expects section.field=value"),
+])
+def test_bad_overrides_name_the_field(assignment, message):
+    with pytest.raises(UserError, match=message):
+        resolve(recipes.get("debug"), None, [assignment])
+
+
+def test_unknown_recipe_lists_the_choices():
+    with pytest.raises(UserError, match="unknown recipe 'nope'.*digits_cpu"):
+        recipes.get("nope")
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        resolve({}, tmp_path / "absent.yaml", [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        resolve({}, bad, [])
