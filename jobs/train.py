@@ -4,8 +4,12 @@ The arguments are those of `distdl train`; the exit code is the command's.
 """
 
 import sys
+from pathlib import Path
 
-from distdl.cli import main
+# The job runs in the uploaded working directory, where distdl may not be installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distdl.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

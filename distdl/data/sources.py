@@ -52,6 +52,7 @@ import pyarrow as pa
 import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
+from ray.data.dataset import MaterializedDataset
 
 from distdl.config import DataConfig
 from distdl.data.transforms import decode_image, resize_uint8
@@ -65,6 +66,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 SHAPES_SIDE = 32  # default side (pixels) of generated shapes
 SHAPE_CLASSES = ["circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame"]
 _BLOCK_BYTES = 8 << 20  # target block size of in-memory datasets: a few blocks per worker
+_LOCAL_STATS_BYTES = 64 << 20  # in-memory datasets up to this size get their statistics locally
 _DECODE_BATCH = 64  # images per decode call: small batches spread a folder over every CPU
 _PROBE_LIMIT = 100  # images tried to find the size of the first readable one
 _HASH_BUCKETS = 1_000_000  # resolution of the file-source split (val_fraction in millionths)
@@ -201,8 +203,11 @@ def _to_dataset(images: np.ndarray, labels: np.ndarray) -> ray.data.Dataset:
     # A tensor column keeps each row an (H, W, C) array and batches (B, H, W, C), zero-copy.
     table = pa.table({"image": ArrowTensorArray.from_numpy(images),
                       "label": pa.array(labels.astype(np.int64))})
-    blocks = int(np.clip(images.nbytes // _BLOCK_BYTES, 4, 64))  # >= 4: two workers split them
-    return ray.data.from_arrow(table, override_num_blocks=min(blocks, len(images)))
+    # At least 4 blocks, so that two workers can split them.
+    blocks = min(int(np.clip(images.nbytes // _BLOCK_BYTES, 4, 64)), len(images))
+    rows = -(-len(images) // blocks)
+    # from_blocks computes block metadata here; from_arrow would start a task worker for it.
+    return ray.data.from_blocks([table.slice(start, rows) for start in range(0, len(table), rows)])
 
 
 # ---------------------------------------------------------------- generated shapes
@@ -500,8 +505,13 @@ _FILE_LOADERS: dict[str, Callable[[DataConfig, Path], ImageData]] = {
 
 
 def normalization_stats(ds: ray.data.Dataset) -> dict[str, list[float]]:
-    """Per-channel mean and std of pixel values scaled to [0, 1], in one distributed pass."""
-    parts = ds.map_batches(_moments, batch_format="numpy", batch_size=None).take_all()
+    """Per-channel mean and std of pixel values scaled to [0, 1], in one pass over `ds`."""
+    if isinstance(ds, MaterializedDataset) and ds.size_bytes() <= _LOCAL_STATS_BYTES:
+        # Small data already in the object store: reading it here beats starting a task worker.
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        parts = [{k: v[0] for k, v in _moments(batch).items()} for batch in batches]
+    else:
+        parts = ds.map_batches(_moments, batch_format="numpy", batch_size=None).take_all()
     count = sum(int(p["count"]) for p in parts)
     if count == 0:
         raise ValueError("normalization_stats: the dataset has no images")

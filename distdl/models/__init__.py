@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torchvision
 from torch import nn
 
 from distdl.config import ModelConfig
@@ -45,6 +44,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_s
 
 
 def _torchvision_names() -> list[str]:
+    import torchvision  # on demand: importing it costs every Ray worker about 1.5 s
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -53,6 +54,8 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size
     if name not in _torchvision_names():
         raise UserError(f"unknown torchvision model '{name}'; choose one of: "
                         + ", ".join(_torchvision_names()))
+    import torchvision
+
     kwargs = dict(_TV_KWARGS.get(name, {}))
     if name.startswith("vit_"):
         kwargs["image_size"] = image_size  # ViTs size their position embeddings to the input

@@ -56,14 +56,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     device = ray.train.torch.get_device()
     channels_last = cfg.train.channels_last and device.type == "cuda"
-    train_data = _shard("train", spec, device, channels_last)
-    val_data = _shard("val", spec, device, channels_last)
+    # Asking for both shards before reading either lets Ray start their split coordinators at once.
+    iterators = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+    train_data = _shard(iterators["train"], spec, device, channels_last)
+    val_data = _shard(iterators["val"], spec, device, channels_last)
     setup = _setup(spec, device, channels_last)
     fit(setup, spec, train_data, val_data, device)
 
 
-def _shard(name: str, spec: WorkerSpec, device: torch.device, channels_last: bool) -> Shard:
-    iterator = ray.train.get_dataset_shard(name)
+def _shard(iterator, spec: WorkerSpec, device: torch.device, channels_last: bool) -> Shard:
     norm = spec.meta["normalization"]
     if spec.in_memory:
         return load_in_memory(iterator, norm["mean"], norm["std"], device, channels_last)

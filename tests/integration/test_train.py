@@ -27,13 +27,13 @@ def test_default_run_reaches_97_percent_and_writes_the_run_directory(digits_run)
     result = rundir.read_result(run_dir)
     history = rundir.read_metrics(run_dir)
     assert result["best_val_accuracy"] >= 0.97
-    assert result["epochs_completed"] == 15
-    assert [m["epoch"] for m in history] == list(range(1, 16))
+    assert result["epochs_completed"] == 20
+    assert [m["epoch"] for m in history] == list(range(1, 21))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert max(m["val_accuracy"] for m in history) == result["best_val_accuracy"]
     for name in ("config.yaml", "curves.png"):
         assert (run_dir / name).stat().st_size > 0
-    assert "epoch  15/15" in stdout and "best validation accuracy" in stdout
+    assert "epoch  20/20 " in stdout and "best validation accuracy" in stdout
     assert Path(result["best_checkpoint"]).parent == run_dir
 
 
