@@ -9,7 +9,7 @@ def test_defaults_resolve_to_the_digits_recipe():
     cfg = resolve(recipes.get(recipes.DEFAULT), None, [])
     assert cfg.data.source == "digits"
     assert cfg.train.num_workers == 2
-    assert cfg.train.batch_size_per_worker() == 32
+    assert cfg.train.batch_size_per_worker() == cfg.train.batch_size // 2
 
 
 def test_overrides_parse_values_by_field_type(tmp_path):
