@@ -81,3 +81,13 @@ def test_rerunning_a_name_resumes_at_the_next_epoch(ray_address, tmp_path):
     assert after[:2] == before  # epochs 1 and 2 were not trained again
     assert "epoch   1/4" not in second.stdout and "epoch   3/4" in second.stdout
     assert rundir.read_result(tmp_path / "resume")["epochs_completed"] == 4
+
+
+@pytest.mark.slow
+def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_path):
+    done = run_cli("train", "--recipe", "debug", "--name", "stream", "--storage", str(tmp_path),
+                   "--set", "data.cache_max_mb=0", "--set", "train.epochs=3", address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = rundir.read_metrics(tmp_path / "stream")
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert history[-1]["val_accuracy"] > 0.8
