@@ -21,6 +21,15 @@ def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, An
     (run_dir / CONFIG_FILE).write_text(header + text)
 
 
+def changed_sections(run_dir: Path, config: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """The `sections` of `config` that differ from those the run directory was started with."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return []
+    previous = yaml.safe_load(path.read_text()) or {}
+    return [name for name in sections if previous.get(name) != config.get(name)]
+
+
 def record_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Add one epoch's line, replacing any lines of this epoch or later.
 

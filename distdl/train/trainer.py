@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from distdl.models import build_model
 from distdl.train import checkpoint, rundir
 from distdl.train.recorder import EpochRecorder
 from distdl.train.worker import WorkerSpec, train_loop_per_worker
-
-log = logging.getLogger(__name__)
 
 # Ray Train's controller collects reports when it polls the workers (every 2 s by default), and
 # ray.train.report waits for it: with epochs shorter than that, the poll sets the pace. A short
@@ -132,6 +129,11 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) training for `cfg`; write the run directory and return result.json."""
     started = time.time()
     storage = normalize_storage(storage)
+    previous = rundir.read_metrics(run_dir)
+    if previous:
+        _check_resumable(cfg, run_dir)
+        if previous[-1]["epoch"] >= cfg.train.epochs and (run_dir / rundir.RESULT_FILE).is_file():
+            return rundir.read_result(run_dir)  # nothing left to train
     runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data = prepare_data(cfg)
     rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())
@@ -148,6 +150,14 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
 
         training_curves(history, run_dir / rundir.CURVES_FILE)
     return summary
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    """A rerun resumes from the run's checkpoints, which only fit the same model and data."""
+    changed = rundir.changed_sections(run_dir, cfg.to_dict(), ("model", "data"))
+    if changed:
+        raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other {' and '.join(changed)} "
+                        "settings, so it cannot be resumed with these; choose another --name")
 
 
 def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: str,

@@ -98,7 +98,11 @@ def _restore(raw, optimizer, scheduler, scaler) -> int:
     if ckpt is None:
         return 1
     with ckpt.as_directory() as directory:
-        raw.load_state_dict(checkpoint.load_state_dict(directory))
+        try:
+            raw.load_state_dict(checkpoint.load_state_dict(directory))
+        except RuntimeError:
+            raise ValueError("the run's latest checkpoint holds a different model than the config "
+                             "asks for; start a new run with another --name") from None
         state = checkpoint.load_train_state(directory)
     optimizer.load_state_dict(state["optimizer"])
     loop.resume_schedule(scheduler, state["scheduler"])

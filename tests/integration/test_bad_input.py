@@ -40,3 +40,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message, ray_address, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
+    common = ("train", "--recipe", "debug", "--set", "train.epochs=1", "--storage", str(tmp_path))
+    first = run_cli(*common, address=ray_address)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(*common, address=ray_address)  # finished: nothing to train, same result
+    assert again.returncode == 0 and "after 1 epochs" in again.stdout, again.stderr[-2000:]
+    other = run_cli(*common, "--set", "model.width=16", address=ray_address)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        f"error: run 'debug' in {tmp_path / 'debug'} was trained with other model settings, "
+        "so it cannot be resumed with these; choose another --name"]
