@@ -91,3 +91,27 @@ def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_pa
     history = rundir.read_metrics(tmp_path / "stream")
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert history[-1]["val_accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, tmp_path):
+    """The validation digits written as PNG files score as they did in training."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(digits.target), size=300, replace=False):
+        folder = tmp_path / "pngs" / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    run_dir, _ = digits_run
+    done = run_cli("evaluate", rundir.read_result(run_dir)["best_checkpoint"], "--data",
+                   f"imagefolder:{tmp_path / 'pngs'}", "--output", str(tmp_path / "eval"),
+                   address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["examples"] == 300 and report["split"] == "all"
+    assert report["accuracy"] > 0.95  # mostly training images, through the PNG decode path
