@@ -203,6 +203,7 @@ def normalize_storage(storage: str) -> str:
 
 
 def _uri(storage: str, path: str) -> str:
+    """The URI of a checkpoint path that pyarrow gave relative to the storage's filesystem."""
     if "://" in storage:
-        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+        return f"{storage.split('://', 1)[0]}://{path}"  # s3: bucket/key; file: /abs/path
     return path

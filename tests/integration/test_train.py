@@ -115,3 +115,14 @@ def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, t
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["examples"] == 300 and report["split"] == "all"
     assert report["accuracy"] > 0.95  # mostly training images, through the PNG decode path
+
+
+@pytest.mark.slow
+def test_storage_given_as_a_uri(ray_address, tmp_path):
+    done = run_cli("train", "--recipe", "debug", "--set", "train.epochs=1", "--storage",
+                   f"file://{tmp_path / 'store'}", "--output", str(tmp_path / "run"),
+                   address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = rundir.read_result(tmp_path / "run")["best_checkpoint"]
+    assert best.startswith(f"file://{tmp_path / 'store' / 'debug'}/checkpoint_")
+    assert (Path(best.removeprefix("file://")) / checkpoint.MODEL_FILE).is_file()
