@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -34,31 +35,27 @@ def test_training_reduces_loss_and_learns():
     assert val.count == 256 and val.correct / val.count > 0.95
 
 
-def test_cosine_schedule_warms_up_then_decays_to_zero():
-    model = nn.Linear(2, 2)
-    cfg = OptimConfig(lr=1.0, warmup_epochs=1)
-    optimizer = loop.make_optimizer(model, cfg)
-    scheduler = loop.make_scheduler(optimizer, cfg, epochs=4, steps_per_epoch=10)
+def _learning_rates(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> list[float]:
+    """The learning rate of every step of a run."""
+    optimizer = loop.make_optimizer(nn.Linear(2, 2), cfg)
+    scheduler = loop.make_scheduler(optimizer, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(40):
+    for _ in range(epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    lrs = _learning_rates(OptimConfig(lr=1.0, warmup_epochs=1), epochs=4, steps_per_epoch=10)
     assert lrs[0] < lrs[5] < lrs[9]          # warm-up rises
     assert max(lrs) == lrs[10] == 1.0        # peak right after warm-up
     assert lrs[-1] < 0.01                    # decays to about zero
 
 
 def test_onecycle_starts_low_peaks_and_ends_near_zero():
-    model = nn.Linear(2, 2)
-    cfg = OptimConfig(lr=1.0, schedule="onecycle")
-    optimizer = loop.make_optimizer(model, cfg)
-    scheduler = loop.make_scheduler(optimizer, cfg, epochs=10, steps_per_epoch=10)
-    lrs = []
-    for _ in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = _learning_rates(OptimConfig(lr=1.0, schedule="onecycle"), epochs=10, steps_per_epoch=10)
     assert lrs[0] < 0.05
     assert max(lrs) == lrs[30] == 1.0
     assert lrs[-1] < 1e-3
@@ -80,3 +77,18 @@ def test_in_memory_shard_batches_cover_each_example_once_per_epoch():
     assert len(kept) == 3 and all(len(y) == 3 for y in kept)
     again = torch.cat([y for _, y in shard.batches(3, shuffle=True, seed=1, drop_last=False)])
     assert torch.equal(seen, again)  # the shuffle is seeded
+
+
+def test_a_resumed_schedule_follows_the_longer_run():
+    cfg = OptimConfig(lr=1.0, warmup_epochs=0)
+    first = loop.make_optimizer(nn.Linear(2, 2), cfg)
+    short = loop.make_scheduler(first, cfg, epochs=2, steps_per_epoch=10)
+    for _ in range(20):
+        first.step()
+        short.step()
+    assert first.param_groups[0]["lr"] < 1e-6  # the 2-epoch run ended at zero
+    second = loop.make_optimizer(nn.Linear(2, 2), cfg)
+    second.load_state_dict(first.state_dict())
+    longer = loop.make_scheduler(second, cfg, epochs=4, steps_per_epoch=10)
+    loop.resume_schedule(longer, short.state_dict())
+    assert second.param_groups[0]["lr"] == pytest.approx(0.5)  # halfway through 4 epochs
