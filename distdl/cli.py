@@ -23,8 +23,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None,
-                        help="named preset: digits_cpu (default), shapes_resnet18_gpu, debug")
-    parser.add_argument("--config", help="YAML file with config sections (data, model, optim, train)")
+                        help="named preset: digits_cpu (default; digits_tune for tune), "
+                             "shapes_resnet18_gpu, debug")
+    parser.add_argument("--config", help="YAML file with config sections (data, model, optim, train, tune)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--name", help="run name (default from the recipe); rerun a name to resume")
@@ -46,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where checkpoints go: a directory or a URI such as s3://bucket/path "
                             "(default: ./runs or DISTDL_STORAGE)")
     train.add_argument("--output", help="run directory (default: STORAGE/NAME for local storage)")
+
+    tune = sub.add_parser("tune", help="search hyperparameters: one distributed training per trial")
+    _config_args(tune)
+    _ray_args(tune)
+    tune.set_defaults(recipe="digits_tune")
+    tune.add_argument("--storage", default=os.environ.get("DISTDL_STORAGE", "runs"),
+                      help="where trials and checkpoints go: a directory or a URI "
+                           "(default: ./runs or DISTDL_STORAGE)")
+    tune.add_argument("--output", help="folder for tune_result.json, trials.csv and "
+                                       "tune_curves.png (default: STORAGE/NAME for local storage)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the interrupted search of the same --name and --storage")
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class accuracy, confusion matrix")
     evaluate.add_argument("checkpoint", help="a distdl checkpoint directory (or URI)")
@@ -108,6 +121,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from distdl import runtime
+    from distdl.train import trainer
+    from distdl.tune import report, space, tuner
+
+    cfg = _config(args)
+    params = space.parse(cfg)
+    output = Path(args.output) if args.output else trainer.default_run_dir(args.storage, cfg.name)
+    runtime.connect(args.address, num_cpus=runtime.local_cpus(tuner.trial_cpus(cfg.train)),
+                    dashboard=True)
+    print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
+          f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
+          f"{cfg.tune.scheduler} scheduler, {cfg.train.num_workers} workers per trial")
+    result = tuner.run(cfg, params, storage=args.storage, output=output, resume=args.resume)
+    print(report.format_table(result))
+    if result["best_trial"] is None:
+        print(f"error: no trial reported {cfg.tune.metric}; see {result['experiment']}",
+              file=sys.stderr)
+        return 1
+    print(f"best trial {result['best_trial']}: {cfg.tune.metric} {result['best_metric']:.4f} "
+          f"with {result['best_config']}")
+    print(f"{result['trials_run']} trials, {result['stopped_early']} stopped early, "
+          f"{result['errors']} failed, in {result['wall_s']:.1f} s")
+    print(f"best checkpoint: {result['best_checkpoint']}")
+    print(f"results:         {output}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from distdl import evaluate, runtime
 
@@ -129,7 +170,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

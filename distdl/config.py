@@ -128,6 +128,44 @@ class TrainConfig:
         return self.batch_size // self.num_workers
 
 
+# What each epoch reports (distdl/train/worker.py): the metrics a search can select on.
+TRAINING_METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_s", "epoch_s", "lr")
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Search space: dotted field -> {loguniform|uniform|randint: [low, high]} or {choice|grid: [...]}."""
+    num_samples: int = 8
+    """Configs drawn from the space (with `grid` entries: draws per grid point)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha: stop trials early that trail the others at the same epoch; fifo: run every trial out."""
+    metric: str = "val_accuracy"
+    """Reported metric that ranks trials and picks the best checkpoint."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a higher or a lower `metric` is better."""
+    grace_period: int = 1
+    """asha: epochs every trial trains before it may be stopped."""
+    reduction_factor: int = 2
+    """asha: about 1/reduction_factor of the trials reaching a rung go on to the next one."""
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0: as many as the cluster can place (never more)."""
+    max_failures: int = 1
+    """Restarts of a failed trial driver; its workers restart per train.max_failures."""
+    seed: int = 0
+    """Seed of the sampled configs: the same seed draws the same trials."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples must be >= 1")
+        _check(self.metric in TRAINING_METRICS,
+               f"tune.metric '{self.metric}' is never reported by training; "
+               f"choose one of: {', '.join(TRAINING_METRICS)}")
+        _check(self.grace_period >= 1, "tune.grace_period must be >= 1 epoch")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor must be >= 2")
+        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials must be >= 0")
+        _check(self.max_failures >= 0, "tune.max_failures must be >= 0")
+
+
 @dataclass(kw_only=True)
 class Config:
     name: str = "digits"
@@ -136,6 +174,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
@@ -191,6 +230,8 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
             pass
     if kind in (int, str, bool) and type(value) is kind:
         return value
+    if origin is dict and isinstance(value, dict):
+        return dict(value)  # free-form mappings (tune.space) are checked by their own parser
     raise UserError(f"{name} must be of type {getattr(kind, '__name__', kind)}; got {value!r}")
 
 

@@ -31,6 +31,31 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train": {"epochs": 20, "batch_size": 512, "num_workers": 1, "use_gpu": True,
                   "cpus_per_worker": 4, "amp": True, "channels_last": True},
     },
+    # A search on CPU in a few minutes (`distdl tune`): a narrow small_cnn, one worker per trial
+    # so that the trials, not DDP ranks, share the cores; ASHA stops weak trials after epoch 1 or 2.
+    "digits_tune": {
+        "name": "digits-tune",
+        "data": {"source": "digits"},
+        "model": {"name": "small_cnn", "width": 16, "depth": 2},
+        "optim": {"optimizer": "adamw", "lr": 1e-2, "warmup_epochs": 0},
+        "train": {"epochs": 6, "batch_size": 64, "num_workers": 1, "max_failures": 1},
+        "tune": {
+            "num_samples": 8,
+            "scheduler": "asha",
+            "metric": "val_accuracy",
+            "mode": "max",
+            "grace_period": 1,  # epochs before a trial may be stopped
+            "reduction_factor": 2,  # about half the trials go on at each rung (epochs 1, 2, 4)
+            "seed": 0,
+            "space": {
+                "optim.lr": {"loguniform": [1e-4, 1e-1]},  # per batch of train.batch_size
+                "optim.weight_decay": {"loguniform": [1e-5, 1e-2]},
+                "optim.label_smoothing": {"uniform": [0.0, 0.2]},
+                "train.batch_size": {"choice": [32, 64, 128]},  # global batch
+                "model.width": {"choice": [8, 16, 32]},  # channels of the first convolution
+            },
+        },
+    },
     # Seconds on CPU: what tests and smoke checks run.
     "debug": {
         "name": "debug",

@@ -18,9 +18,13 @@ from distdl.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            dashboard: bool = False) -> str:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one on loopback.
 
+    `dashboard` starts a local Ray with its dashboard (on 127.0.0.1), which serves the state API.
+    It costs about 5 s, so only searches ask for it: Ray Train frees the workers of a trial that
+    Tune stops through that API, and without it a stopped trial would keep its CPUs.
     Returns the address other processes can use to join the same Ray instance.
     """
     import ray
@@ -45,7 +49,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,  # it adds about 5 s to every start; `distdl cluster` has one
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
         log_to_driver=False,
     )

@@ -15,6 +15,7 @@ def ray_address():
     from distdl.runtime import connect
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    address = connect(None, num_cpus=4)
+    # With the dashboard, as a search needs: Ray Train frees stopped trials' workers through it.
+    address = connect(None, num_cpus=4, dashboard=True)
     yield address
     ray.shutdown()

@@ -1,0 +1,39 @@
+"""What Tune runs for each trial: one TorchTrainer, built exactly as `distdl train` builds it.
+
+The trial driver only coordinates (it reserves no CPU); the trial's Ray Train workers hold the
+resources. Each trial trains under its own run name, STORAGE/EXPERIMENT/TRIAL_ID/train, so a
+trial that Tune resumes continues from its own latest checkpoint through Ray Train's restore.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from distdl.config import Config
+from distdl.train import trainer
+from distdl.train.trainer import PreparedData
+from distdl.tune import space
+
+TRAIN_RUN = "train"
+
+
+def trial_storage(storage: str, experiment: str, trial_id: str) -> str:
+    """Where a trial's Ray Train run keeps its checkpoints (a path or URI under the experiment)."""
+    return f"{storage.rstrip('/')}/{experiment}/{trial_id}"
+
+
+def run_trial(sampled: dict[str, Any], *, base: Config, data: PreparedData, storage: str) -> None:
+    """Train `base` with the trial's sampled values; each epoch reaches Tune via the callback."""
+    context = tune.get_context()
+    cfg = space.apply(base, sampled)
+    run = trainer.build_trainer(
+        cfg,
+        data,
+        storage=trial_storage(storage, context.get_experiment_name(), context.get_trial_id()),
+        callbacks=[TuneReportCallback()],
+        name=TRAIN_RUN,
+    )
+    run.fit()

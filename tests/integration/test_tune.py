@@ -1,0 +1,128 @@
+"""`distdl tune` for real: a local Ray, one TorchTrainer per trial, digits, a few epochs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from distdl.tune import report
+from tests.integration.cli import popen_cli, run_cli
+
+GOOD_LR = 1e-2
+EPOCHS = 4
+# Narrow models, one worker per trial, two trials at a time: the 2-core budget of the suite.
+TINY = ("--recipe", "digits_tune", "--set", f"train.epochs={EPOCHS}", "--set", "model.width=8",
+        "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2")
+
+
+@pytest.fixture(scope="module")
+def lr_search(ray_address, tmp_path_factory):
+    """ASHA over a good learning rate and two hopeless ones (too small to learn, divergent)."""
+    storage = tmp_path_factory.mktemp("tune")
+    started = time.time()
+    done = run_cli("tune", *TINY, "--name", "lr", "--storage", str(storage),
+                   "--set", f"tune.space={{optim.lr: {{grid: [{GOOD_LR}, 1.0e-5, 10.0]}}}}",
+                   address=ray_address, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"lr search: {time.time() - started:.1f} s")
+    return storage / "lr", done.stdout
+
+
+def _result(run_dir: Path) -> dict:
+    return json.loads((run_dir / report.RESULT_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_search_picks_the_good_learning_rate(lr_search):
+    run_dir, stdout = lr_search
+    result = _result(run_dir)
+    print({k: v for k, v in result.items() if k != "trials"})
+    assert result["best_config"] == {"optim.lr": GOOD_LR}
+    assert result["best_val_accuracy"] >= 0.85
+    others = [t for t in result["trials"] if t["id"] != result["best_trial"]]
+    assert len(others) == 2
+    assert all(t["best_metric"] < result["best_val_accuracy"] - 0.3 for t in others)
+    assert f"best trial {result['best_trial']}" in stdout
+
+
+@pytest.mark.slow
+def test_asha_stops_a_poor_trial_before_its_last_epoch(lr_search):
+    run_dir, _ = lr_search
+    result = _result(run_dir)
+    stopped = [t for t in result["trials"] if t["stopped_early"]]
+    assert stopped and all(t["epochs_run"] < EPOCHS for t in stopped)
+    assert all(t["config"]["optim.lr"] != GOOD_LR for t in stopped)
+    assert result["stopped_early"] == len(stopped)
+    best = next(t for t in result["trials"] if t["id"] == result["best_trial"])
+    assert best["status"] == "completed" and best["epochs_run"] == EPOCHS
+    with (run_dir / report.TRIALS_FILE).open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == sorted(t["id"] for t in result["trials"])
+    assert (run_dir / report.CURVES_FILE).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_best_checkpoint_evaluates_to_the_reported_accuracy(lr_search, ray_address, tmp_path):
+    run_dir, _ = lr_search
+    result = _result(run_dir)
+    done = run_cli("evaluate", result["best_checkpoint"], "--output", str(tmp_path),
+                   address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, tmp_path):
+    args = ("tune", *TINY, "--name", "resume", "--storage", str(tmp_path),
+            "--set", "tune.scheduler=fifo",
+            "--set", "tune.space={optim.lr: {grid: [1.0e-2, 3.0e-3, 1.0e-3]}}")
+    process = popen_cli(*args, address=ray_address, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in process.stdout:
+            if " done after epoch " in line:
+                break
+        time.sleep(3)  # Tune saves the experiment's state every second
+    finally:
+        process.kill()  # SIGKILL: no chance to clean up
+        before = process.stdout.read()
+        process.wait()
+    finished = set(re.findall(r"(\S+)  done after epoch", line + before))
+    assert finished
+    experiment = tmp_path / "resume"
+    records = {t: (experiment / t / "result.json").read_bytes() for t in finished}
+
+    done = run_cli(*args, "--resume", address=ray_address, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = _result(experiment)
+    assert len(result["trials"]) == 3
+    assert all(t["status"] == "completed" and t["epochs_run"] == EPOCHS for t in result["trials"])
+    # Finished trials were not run again: no epoch of theirs now, their records untouched.
+    assert not finished & set(re.findall(r"(\S+)  epoch ", done.stdout)), done.stdout
+    assert {t: (experiment / t / "result.json").read_bytes() for t in finished} == records
+    assert result["trials_run"] == 3 and result["best_config"] is not None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--set", "tune.space={}"), "tune.space is empty"),
+    (("--set", "tune.space={optim.learning_rate: {uniform: [0.1, 0.2]}}"),
+     "unknown field 'optim.learning_rate'"),
+    (("--set", "tune.space={optim.weight_decay: {uniform: [-0.1, 0.0]}}"),
+     "optim.weight_decay must be >= 0"),
+    (("--set", "tune.space={optim.lr: {loguniform: [0.1, 0.001]}}"), "must be below high"),
+    (("--set", "tune.metric=accuracy"), "is never reported by training"),
+    (("--set", "train.num_workers=16"), "can never be placed"),
+    (("--resume",), "no search named"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, ray_address, tmp_path):
+    done = run_cli("tune", "--storage", str(tmp_path), *args, address=ray_address, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,0 +1,84 @@
+"""The search space of `distdl tune`: parsing and validation, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from distdl import config, recipes
+from distdl.errors import UserError
+from distdl.tune import space
+
+
+def _cfg(tune_section: dict, **train) -> config.Config:
+    raw = config.merge(recipes.get("debug"), {"tune": tune_section, "train": train})
+    return config.Config.from_dict(raw)
+
+
+def test_every_kind_parses_and_ranges_read_yaml_1_1_numbers():
+    cfg = _cfg({"space": {
+        "optim.lr": {"loguniform": ["1e-4", 0.1]},  # YAML 1.1 leaves 1e-4 a string
+        "optim.weight_decay": {"uniform": [0, 1e-3]},
+        "model.depth": {"randint": [1, 3]},
+        "model.width": {"choice": [8, 16]},
+        "optim.optimizer": {"grid": ["sgd", "adamw"]},
+    }})
+    params = {p.field: p for p in space.parse(cfg)}
+    assert params["optim.lr"].values == (1e-4, 0.1)
+    assert params["model.depth"].values == (1, 3)
+    assert params["optim.optimizer"] == space.Param("optim.optimizer", "grid", ("sgd", "adamw"))
+
+
+def test_the_recipe_space_is_valid():
+    cfg = config.Config.from_dict(recipes.get("digits_tune"))
+    fields = {p.field for p in space.parse(cfg)}
+    assert {"optim.lr", "optim.weight_decay", "optim.label_smoothing", "train.batch_size",
+            "model.width"} <= fields
+
+
+def test_apply_sets_sampled_values_and_keeps_the_rest():
+    base = _cfg({"space": {"optim.lr": {"loguniform": [1e-4, 1e-1]}}})
+    cfg = space.apply(base, {"optim.lr": 0.02, "model.width": 16, "train.batch_size": 32})
+    assert (cfg.optim.lr, cfg.model.width, cfg.train.batch_size) == (0.02, 16, 32)
+    assert cfg.optim.weight_decay == base.optim.weight_decay and cfg.name == base.name
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"space": {}}, "tune.space is empty"),
+    ({"space": {"optim.learning_rate": {"uniform": [0.1, 0.2]}}},
+     "unknown field 'optim.learning_rate'"),
+    ({"space": {"solver.lr": {"uniform": [0.1, 0.2]}}}, "unknown field 'solver.lr'"),
+    ({"space": {"optim": {"uniform": [0.1, 0.2]}}}, "unknown field 'optim'"),
+    ({"space": {"tune.seed": {"randint": [0, 3]}}}, "unknown field 'tune.seed'"),
+    ({"space": {"optim.lr": {"loguniform": [0.1, 0.001]}}}, "low (0.1) must be below high (0.001)"),
+    ({"space": {"optim.lr": {"loguniform": [0, 0.1]}}}, "a log scale needs bounds > 0"),
+    ({"space": {"optim.weight_decay": {"uniform": [-0.1, 0.0]}}},
+     "optim.weight_decay must be >= 0"),
+    ({"space": {"model.width": {"uniform": [8, 16]}}}, "model.width must be of type int"),
+    ({"space": {"model.depth": {"randint": [1.5, 3]}}}, "needs integer bounds"),
+    ({"space": {"optim.lr": {"normal": [0, 1]}}}, "unknown kind 'normal'"),
+    ({"space": {"optim.lr": {"uniform": [0.1]}}}, "needs [low, high]"),
+    ({"space": {"optim.lr": {"choice": []}}}, "needs a non-empty list"),
+    ({"space": {"optim.lr": 0.1}}, "must be one mapping"),
+    ({"space": {"train.num_workers": {"choice": [1, 2]}}}, "cannot vary train.num_workers"),
+    ({"space": {"train.epochs": {"randint": [2, 4]}}}, "cannot vary train.epochs"),
+    ({"space": {"optim.lr": {"uniform": [0.1, 0.2]}}, "grace_period": 5},
+     "tune.grace_period (5) must not exceed train.epochs (2)"),
+])
+def test_bad_spaces_are_one_clear_user_error(section, message):
+    with pytest.raises(UserError) as info:
+        space.parse(_cfg(section))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"metric": "accuracy"}, "tune.metric 'accuracy' is never reported by training"),
+    ({"mode": "maximize"}, "tune.mode must be one of max, min"),
+    ({"scheduler": "pbt"}, "tune.scheduler must be one of asha, fifo"),
+    ({"num_samples": 0}, "tune.num_samples must be >= 1"),
+    ({"space": ["optim.lr"]}, "tune.space must be of type dict"),
+])
+def test_bad_tune_settings_fail_when_the_config_is_built(section, message):
+    with pytest.raises(UserError, match=None) as info:
+        _cfg(section)
+    assert message in str(info.value)
