@@ -133,7 +133,7 @@ def cmd_tune(args) -> int:
                     dashboard=True)
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
           f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
-          f"{cfg.tune.scheduler} scheduler, {cfg.train.num_workers} worker{'s' if cfg.train.num_workers != 1 else ''} per trial")
+          f"{cfg.tune.scheduler} scheduler, workers per trial: {cfg.train.num_workers}")
     result = tuner.run(cfg, params, storage=args.storage, output=output, resume=args.resume)
     print(report.format_table(result))
     if result["best_trial"] is None:
