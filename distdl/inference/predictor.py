@@ -40,7 +40,7 @@ class Predictor:
         if images.ndim == 3:
             images = images[..., None]
         if images.shape[1:3] != (height, width):
-            images = np.stack([resize_uint8(image, height) for image in images])
+            images = np.stack([resize_uint8(image, (height, width)) for image in images])
         if images.shape[3] != channels:
             raise ValueError(f"images have {images.shape[3]} channels; the model takes {channels}")
         x = torch.from_numpy(np.ascontiguousarray(images))

@@ -46,6 +46,8 @@ class _Setup:
     """The plain module whose state_dict goes into checkpoints."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast_dtype: torch.dtype | None
+    """Mixed precision on GPU (bf16 or fp16); None trains in float32."""
     scaler: torch.amp.GradScaler | None
     start_epoch: int
 
@@ -89,7 +91,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool) -> _Setu
     model = ray.train.torch.prepare_model(raw)
     if cfg.train.compile:
         model = torch.compile(model)
-    return _Setup(model, raw, optimizer, scheduler, scaler, start_epoch)
+    return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch)
 
 
 def _restore(raw, optimizer, scheduler, scaler) -> int:
@@ -116,7 +118,7 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard,
         device: torch.device) -> None:
     cfg = spec.config
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
+    dtype = setup.autocast_dtype
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
         started = time.time()
