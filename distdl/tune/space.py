@@ -46,7 +46,7 @@ def parse(cfg: Config) -> list[Param]:
     space = cfg.tune.space
     if not space:
         raise UserError("tune.space is empty; add at least one field to search, e.g. "
-                        "--set 'tune.space.optim\\.lr={loguniform: [1.0e-4, 1.0e-1]}' or a "
+                        "--set 'tune.space={optim.lr: {loguniform: [1.0e-4, 1.0e-1]}}' or a "
                         "tune.space section in the --config file")
     if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > cfg.train.epochs:
         raise UserError(f"tune.grace_period ({cfg.tune.grace_period}) must not exceed "
