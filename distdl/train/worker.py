@@ -20,7 +20,7 @@ from distdl import runtime
 from distdl.config import Config
 from distdl.models import build_model
 from distdl.train import checkpoint, loop
-from distdl.train.shard import Shard, StreamingShard, load_in_memory
+from distdl.train.shard import InMemoryShard, Shard, StreamingShard, load_in_memory
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     iterators = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     train_data = _shard(iterators["train"], spec, device, channels_last)
     val_data = _shard(iterators["val"], spec, device, channels_last)
-    setup = _setup(spec, device, channels_last)
-    fit(setup, spec, train_data, val_data, device)
+    steps = _steps_per_epoch(train_data, spec, device)
+    setup = _setup(spec, device, channels_last, steps)
+    fit(setup, spec, train_data, val_data, steps)
 
 
 def _shard(iterator, spec: WorkerSpec, device: torch.device, channels_last: bool) -> Shard:
@@ -73,7 +74,23 @@ def _shard(iterator, spec: WorkerSpec, device: torch.device, channels_last: bool
     return StreamingShard(iterator, norm["mean"], norm["std"], device, channels_last)
 
 
-def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool) -> _Setup:
+def _steps_per_epoch(shard: Shard, spec: WorkerSpec, device: torch.device) -> int:
+    """Steps every rank takes per epoch: DDP hangs if one rank steps when another does not.
+
+    Shards split by whole blocks may differ by a few rows, so in-memory shards agree on the
+    smallest count; streamed shards come from Train's equal split.
+    """
+    if not isinstance(shard, InMemoryShard):
+        return spec.steps_per_epoch
+    steps = torch.tensor([len(shard) // spec.config.train.batch_size_per_worker()], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    if int(steps) == 0:
+        raise ValueError("a worker's shard holds less than one batch; lower train.batch_size")
+    return int(steps)
+
+
+def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: int) -> _Setup:
     cfg = spec.config
     torch.manual_seed(cfg.train.seed)
     channels, size, _ = spec.meta["input_shape"]
@@ -83,7 +100,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool) -> _Setu
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = loop.make_optimizer(raw, cfg.optim)
     scheduler = loop.make_scheduler(optimizer, cfg.optim, epochs=cfg.train.epochs,
-                                    steps_per_epoch=spec.steps_per_epoch)
+                                    steps_per_epoch=steps)
     dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     start_epoch = _restore(raw, optimizer, scheduler, scaler)
@@ -114,8 +131,7 @@ def _restore(raw, optimizer, scheduler, scaler) -> int:
     return state["epoch"] + 1
 
 
-def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard,
-        device: torch.device) -> None:
+def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, steps: int) -> None:
     cfg = spec.config
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     dtype = setup.autocast_dtype
@@ -125,20 +141,21 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard,
         batches = train_data.batches(cfg.train.batch_size_per_worker(), shuffle=True,
                                      seed=cfg.train.seed * 100_003 + epoch * 101 + rank,
                                      drop_last=True)
-        batches = itertools.islice(batches, spec.steps_per_epoch)
+        batches = itertools.islice(batches, steps)
         train = loop.train_epoch(setup.model, batches, setup.optimizer, setup.scheduler,
                                  loss_fn, autocast_dtype=dtype, scaler=setup.scaler)
         train_s = time.time() - started
         val = loop.evaluate(setup.model, val_data.batches(1024, shuffle=False, seed=0,
                                                           drop_last=False), autocast_dtype=dtype)
-        metrics = _epoch_metrics(epoch, started, train_s, train, val, device)
+        metrics = _epoch_metrics(epoch, started, train_s, train, val, setup.raw)
         metrics["lr"] = setup.scheduler.get_last_lr()[0]
         metrics["node"] = ray.get_runtime_context().get_node_id()
         _report(setup, spec, metrics, rank)
 
 
-def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, device) -> dict:
+def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, model) -> dict:
     """Sum this rank's figures with the other ranks' and turn them into epoch metrics."""
+    device = next(model.parameters()).device  # NCCL reduces tensors on the GPU only
     both = torch.cat([train.as_tensor(), val.as_tensor()]).to(device)
     if dist.is_initialized():
         dist.all_reduce(both)
