@@ -73,7 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train = bench_sub.add_parser("train", help="distdl training loop vs a bare PyTorch loop")
     _config_args(bench_train)
     bench_train.add_argument("--json", help="also write the report to this JSON file")
+    _cluster_parsers(sub)
     return parser
+
+
+def _cluster_parsers(sub) -> None:
+    cluster = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine (127.0.0.1)")
+    cluster_sub = cluster.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (("up", "start a head and worker nodes"), ("down", "stop them"),
+                         ("status", "nodes and resources")):
+        p = cluster_sub.add_parser(action, help=text)
+        p.add_argument("--dir", default=Path("~/.distdl/local-cluster"), type=Path,
+                       help="folder for cluster.json, the token, logs and storage/ "
+                            "(default: ~/.distdl/local-cluster)")
+    cluster_sub.choices["up"].add_argument("--workers", type=int, default=2,
+                                           help="worker nodes besides the head, 1 CPU each")
+
+    submit = sub.add_parser("submit", help="run a distdl command as a Ray job: submit -- train ...")
+    _jobs_address(submit)
+    submit.add_argument("--follow", action="store_true", help="stream the job's log")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--working-dir", default=".", type=Path,
+                        help="folder uploaded with the job (default: .)")
+    submit.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the distdl command")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, read the logs of, or stop Ray jobs")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    _jobs_address(jobs_sub.add_parser("list", help="every job of the cluster"))
+    for action in ("status", "logs", "stop"):
+        p = jobs_sub.add_parser(action, help=f"{action} of one job")
+        p.add_argument("job_id")
+        _jobs_address(p)
+
+
+def _jobs_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's dashboard, http://HOST:PORT (default: "
+                                          "RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +205,79 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "bench": cmd_bench}
+def cmd_cluster(args) -> int:
+    from distdl import cluster
+
+    if args.action == "up":
+        state = cluster.up(args.dir, args.workers)
+        print(f"cluster up: head + {args.workers} workers, 1 CPU each")
+        print(f"  GCS address: {state['gcs_address']}   (distdl train --address ...)")
+        print(f"  dashboard:   {state['dashboard_url']}   (distdl submit --address ...)")
+        print(f"  storage:     {state['storage']}")
+        print(f"  auth:        export RAY_AUTH_MODE=token "
+              f"RAY_AUTH_TOKEN_PATH={state['token_path']}")
+    elif args.action == "down":
+        pids = cluster.down(args.dir)
+        print(f"cluster down: stopped nodes {', '.join(map(str, pids))} and their processes")
+    else:
+        state, nodes = cluster.status(args.dir)
+        print(f"cluster in {state['dir']}: {len(nodes)} nodes, dashboard {state['dashboard_url']}")
+        for node in nodes:
+            resources = ", ".join(f"{k} {v:g}" for k, v in sorted(node["resources_total"].items())
+                                  if not k.startswith(("node:", "memory", "object_store")))
+            print(f"  {node['node_id'][:12]}  {'head' if node['is_head_node'] else 'worker'}  "
+                  f"{resources}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from distdl import jobs
+
+    entrypoint = jobs.entrypoint(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
+    client = jobs.client(args.address)
+    job_id = jobs.submit(client, entrypoint, args.working_dir)
+    print(f"submitted job {job_id}")
+    if args.no_wait:
+        return 0
+    if args.follow:
+        jobs.follow(client, job_id, lambda text: print(text, end="", flush=True))
+    return _job_outcome(client, job_id, show_log=not args.follow)
+
+
+def _job_outcome(client, job_id: str, *, show_log: bool) -> int:
+    from distdl import jobs
+
+    status = jobs.wait(client, job_id)
+    print(f"job {job_id} {status}")
+    if status == "SUCCEEDED":
+        return 0
+    text = jobs.logs(client, job_id)
+    if show_log:
+        print(jobs.log_tail(text), file=sys.stderr)
+    line = jobs.error_line(text) or jobs.info(client, job_id)["message"]
+    print(f"error: job {job_id} {status}: {line}", file=sys.stderr)
+    return 1
+
+
+def cmd_jobs(args) -> int:
+    from distdl import jobs
+
+    client = jobs.client(args.address)
+    if args.action == "list":
+        for job in jobs.list_jobs(client):
+            print(f"{job['job_id']}  {job['status']:<9}  {job['entrypoint']}")
+    elif args.action == "status":
+        print(json.dumps(jobs.info(client, args.job_id), indent=2))
+    elif args.action == "logs":
+        print(jobs.logs(client, args.job_id), end="")
+    else:
+        stopped = jobs.stop(client, args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "bench": cmd_bench,
+            "cluster": cmd_cluster, "submit": cmd_submit, "jobs": cmd_jobs}
 
 if __name__ == "__main__":
     sys.exit(main())
