@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distdl import cluster
@@ -32,7 +33,6 @@ def _first_epoch(metrics: Path, job: subprocess.Popen, timeout: float = 150) -> 
 
 
 def _raylet_pid(state: dict, name: str) -> int:
-    psutil = cluster._psutil()
     leader = next(n for n in state["nodes"] if n["name"] == name)
     children = psutil.Process(leader["pid"]).children(recursive=True)
     return next(p.pid for p in children if p.name() == "raylet")
@@ -44,7 +44,8 @@ def test_training_survives_a_killed_worker_node(local_cluster, cluster_env):
     job = subprocess.Popen(
         [sys.executable, "-m", "distdl.cli", "submit", "--address", local_cluster["dashboard_url"],
          "--follow", "--", "train", "--recipe", "debug", "--set", f"train.epochs={EPOCHS}",
-         "--set", f"train.batch_size={BATCH}", "--set", "train.max_failures=2", "--storage", local_cluster["storage"], "--name", "fault"],
+         "--set", f"train.batch_size={BATCH}", "--set", "train.max_failures=2",
+         "--storage", local_cluster["storage"], "--name", "fault"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster_env, cwd=REPO)
     ranks_on = set(_first_epoch(run_dir / "metrics.jsonl", job)["nodes"])
     state = json.loads((directory / "cluster.json").read_text())
