@@ -15,7 +15,9 @@ import yaml
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = Path(os.environ.get("DISTDL_KUBERAY_CRDS", "/work/shared/kuberay-crds"))
+# The CRDs are not copied into the project: they sit in shared/ beside the checkout.
+CRDS = Path(os.environ.get("DISTDL_KUBERAY_CRDS")
+            or REPO.parent / "shared" / "kuberay-crds")
 MANIFESTS = {"raycluster.yaml": "ray.io_rayclusters.yaml", "rayjob.yaml": "ray.io_rayjobs.yaml"}
 
 
