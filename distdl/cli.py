@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from distdl.errors import UserError
+from distdl.errors import UserError, error_line
 
 STARTED = time.time()  # the command's start, for the benchmark's fixed-overhead figure
 
@@ -254,7 +254,7 @@ def _job_outcome(client, job_id: str, *, show_log: bool) -> int:
     text = jobs.logs(client, job_id)
     if show_log:
         print(jobs.log_tail(text), file=sys.stderr)
-    line = jobs.error_line(text) or jobs.info(client, job_id)["message"]
+    line = error_line(text) or jobs.info(client, job_id)["message"]
     print(f"error: job {job_id} {status}: {line}", file=sys.stderr)
     return 1
 

@@ -140,15 +140,6 @@ def log_tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def error_line(text: str) -> str | None:
-    """The job's own error line ("error: ..." from distdl, or an exception's last line)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("error:") or line.split(":")[0].endswith(("Error", "Exception")):
-            return line
-    return None
-
-
 def _call(method, *args, **kwargs):
     """A jobs API call whose failures a user can cause end in one line."""
     from ray.exceptions import AuthenticationError

@@ -29,6 +29,21 @@ def training_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def trial_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Validation accuracy per epoch, one line per label (a Tune trial)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in curves.items():
+        ax.plot([e for e, _ in points], [a for _, a in points], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per trial",
+           ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     """Rows are true classes, columns predictions; counts written in each cell."""
     size = max(4.0, 0.5 * len(classes) + 2)

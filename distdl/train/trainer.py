@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
-from distdl.errors import UserError
+from distdl.errors import UserError, failure_line
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
 from distdl.train.recorder import EpochRecorder
@@ -157,7 +157,7 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(_failure_line(exc)) from None
+        raise TrainingFailed(failure_line(exc)) from None
     history = rundir.read_metrics(run_dir)
     summary = summarize(result, history, storage, started, skipped=data.images.skipped)
     rundir.write_result(run_dir, summary)
@@ -180,9 +180,9 @@ def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: 
               started: float, *, skipped: int) -> dict[str, Any]:
     best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"], default=None)
     return {
-        "best_checkpoint": _uri(storage, best[0].path) if best else None,
+        "best_checkpoint": checkpoint_uri(storage, best[0].path) if best else None,
         "best_val_accuracy": best[1]["val_accuracy"] if best else None,
-        "latest_checkpoint": _uri(storage, result.checkpoint.path) if result.checkpoint else None,
+        "latest_checkpoint": checkpoint_uri(storage, result.checkpoint.path) if result.checkpoint else None,
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "wall_s": round(time.time() - started, 2),
         "worker_nodes": history[-1].get("nodes", []) if history else [],
@@ -198,13 +198,6 @@ def default_run_dir(storage: str, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
 
 
-def _failure_line(exc: Exception) -> str:
-    """The worker's own error line ("ValueError: ...") out of Ray's multi-line report."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))]
-    return errors[-1] if errors else (lines[0] if lines else type(exc).__name__)
-
-
 def normalize_storage(storage: str) -> str:
     """An absolute local path, or a URI that pyarrow can open (s3://, gs://, ...)."""
     if "://" not in storage:
@@ -218,7 +211,7 @@ def normalize_storage(storage: str) -> str:
     return storage
 
 
-def _uri(storage: str, path: str) -> str:
+def checkpoint_uri(storage: str, path: str) -> str:
     """The URI of a checkpoint path that pyarrow gave relative to the storage's filesystem."""
     if "://" in storage:
         return f"{storage.split('://', 1)[0]}://{path}"  # s3: bucket/key; file: /abs/path

@@ -15,6 +15,9 @@ from typing import Any
 
 import pyarrow.fs
 
+from distdl.errors import failure_line
+from distdl.train.trainer import checkpoint_uri
+
 RESULT_FILE = "tune_result.json"
 TRIALS_FILE = "trials.csv"
 CURVES_FILE = "tune_curves.png"
@@ -45,7 +48,7 @@ def collect(result, *, metric: str, mode: str, epochs: int, storage: str) -> Tri
     kept = [row for row in history if _exists(storage, row.get("checkpoint_path"))]
     best = _best(kept, metric, mode)
     epochs_run = history[-1]["epoch"] if history else 0
-    error = _error_line(result.error) if result.error else None
+    error = failure_line(result.error) if result.error else None
     stopped = error is None and epochs_run < epochs
     return Trial(
         id=Path(result.path).name,
@@ -55,7 +58,7 @@ def collect(result, *, metric: str, mode: str, epochs: int, storage: str) -> Tri
         stopped_early=stopped,
         best_metric=best[metric] if best else None,
         best_val_accuracy=best["val_accuracy"] if best else None,
-        best_checkpoint=_uri(storage, best["checkpoint_path"]) if best else None,
+        best_checkpoint=checkpoint_uri(storage, best["checkpoint_path"]) if best else None,
         history=[{"epoch": r["epoch"], metric: r[metric], "val_accuracy": r["val_accuracy"]}
                  for r in history],
         error=error,
@@ -108,10 +111,14 @@ def summary(trials: list[Trial], *, metric: str, mode: str, experiment: str,
 
 
 def write(output: Path, result: dict[str, Any], trials: list[Trial]) -> None:
+    from distdl.plots import trial_curves  # matplotlib only when files are written
+
     output.mkdir(parents=True, exist_ok=True)
     (output / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     _write_csv(output / TRIALS_FILE, trials)
-    _plot(output / CURVES_FILE, trials)
+    curves = {f"{t.id}{' (stopped)' if t.stopped_early else ''}":
+              [(h["epoch"], h["val_accuracy"]) for h in t.history] for t in trials if t.history}
+    trial_curves(curves, output / CURVES_FILE)
 
 
 def _write_csv(path: Path, trials: list[Trial]) -> None:
@@ -124,27 +131,6 @@ def _write_csv(path: Path, trials: list[Trial]) -> None:
         for t in trials:
             writer.writerow({**{c: getattr(t, c) for c in columns if c not in fields},
                              **{k: t.config.get(k) for k in fields}})
-
-
-def _plot(path: Path, trials: list[Trial]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for t in trials:
-        if t.history:
-            ax.plot([h["epoch"] for h in t.history], [h["val_accuracy"] for h in t.history],
-                    marker="o", label=f"{t.id}{' (stopped)' if t.stopped_early else ''}")
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per trial",
-           ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    if any(t.history for t in trials):
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -174,16 +160,3 @@ def _exists(storage: str, path: Any) -> bool:
         return False
     fs = pyarrow.fs.FileSystem.from_uri(storage)[0] if "://" in storage else pyarrow.fs.LocalFileSystem()
     return fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
-
-
-def _uri(storage: str, path: str) -> str:
-    """A checkpoint path as `distdl evaluate` takes it: with the storage's scheme when remote."""
-    if "://" in storage:
-        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
-    return path
-
-
-def _error_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if line.split(":")[0].endswith(("Error", "Exception"))]
-    return errors[-1] if errors else (lines[0] if lines else type(error).__name__)
