@@ -74,7 +74,65 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(bench_train)
     bench_train.add_argument("--json", help="also write the report to this JSON file")
     _cluster_parsers(sub)
+    _serve_parsers(sub)
     return parser
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="checkpoint directory, or NAME=DIR to mount it at /NAME "
+                             "(default: its task's prefix, /vision)")
+    scale = parser.add_argument_group("replicas")
+    scale.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
+    scale.add_argument("--min-replicas", type=int, help="autoscale from this many replicas ...")
+    scale.add_argument("--max-replicas", type=int, help="... up to this many")
+    scale.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                       help="autoscaling target of requests in flight per replica (default 16)")
+    scale.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    scale.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+    scale.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
+    batch = parser.add_argument_group("batching and limits")
+    batch.add_argument("--max-batch-size", type=int, default=32,
+                       help="requests per forward pass; 1 turns batching off (default 32)")
+    batch.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long a batch waits to fill (default 5)")
+    batch.add_argument("--max-queued-requests", type=int, default=256,
+                       help="beyond this many waiting requests, answer 503 (default 256)")
+    batch.add_argument("--max-body-mb", type=float, default=8.0,
+                       help="larger request bodies get 413 (default 8)")
+    batch.add_argument("--max-pixels", type=int, default=16_000_000,
+                       help="larger images get 413 before decoding (default 16000000)")
+    batch.add_argument("--max-instances", type=int, default=64,
+                       help="images per request (default 64)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+
+
+def _serve_parsers(sub) -> None:
+    serve = sub.add_parser("serve", help="serve checkpoints over HTTP with Ray Serve "
+                                         "(also: serve build, serve update)")
+    _serve_options(serve)
+    _ray_args(serve)
+    serve.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
+                       help="require this key from clients (default: DISTDL_API_KEY)")
+    serve.add_argument("--detach", action="store_true",
+                       help="deploy and return, leaving Serve running on the cluster (--address)")
+
+    build = sub.add_parser("serve build", help="write a Serve config file for checkpoints")
+    _serve_options(build)
+    build.add_argument("-o", "--output", default="serve.yaml", help="(default serve.yaml)")
+
+    update = sub.add_parser("serve update", help="swap the model of a running application")
+    update.add_argument("name", help="the application, e.g. vision")
+    update.add_argument("--checkpoint", required=True, help="the new checkpoint directory")
+    _ray_args(update)
+
+    query = sub.add_parser("query", help="send images or a JSON file to a distdl endpoint")
+    query.add_argument("url", help="e.g. http://127.0.0.1:8000/vision")
+    query.add_argument("files", nargs="+", help="image files, or one .json file of instances")
+    query.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
+                       help="(default: DISTDL_API_KEY)")
+    query.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
 
 
 def _cluster_parsers(sub) -> None:
@@ -112,6 +170,9 @@ def _jobs_address(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"] and argv[1:2] in (["build"], ["update"]):
+        argv = [f"serve {argv[1]}", *argv[2:]]  # "serve build" and "serve update" are commands
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -276,8 +337,97 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def _serve_settings(args):
+    from distdl.inference.deploy import ServeOptions
+    from distdl.inference.inputs import Limits
+
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    if autoscale and args.replicas is not None:
+        raise UserError("give --replicas or --min-replicas/--max-replicas, not both")
+    low = args.min_replicas if args.min_replicas is not None else 1
+    high = args.max_replicas if args.max_replicas is not None else max(low, 1)
+    if autoscale and not 0 <= low <= high or high < 1:
+        raise UserError(f"need 0 <= --min-replicas ({low}) <= --max-replicas ({high}), and "
+                        "--max-replicas >= 1")
+    for flag in ("replicas", "max_batch_size", "max_queued_requests", "max_instances", "port"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    return ServeOptions(
+        replicas=None if autoscale else (args.replicas or 1), min_replicas=low, max_replicas=high,
+        target_ongoing_requests=args.target_ongoing_requests, max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms, max_queued_requests=args.max_queued_requests,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads,
+        limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                      max_pixels=args.max_pixels, max_instances=args.max_instances),
+        host=args.host, port=args.port)
+
+
+def cmd_serve(args) -> int:
+    from distdl import runtime
+    from distdl.inference import deploy
+
+    options = _serve_settings(args)
+    mounts = [deploy.mount(spec) for spec in args.checkpoints]
+    config = deploy.serve_config(mounts, options, api_key=args.api_key)
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if args.detach and local:
+        raise UserError("--detach needs a running cluster (--address or RAY_ADDRESS): a local "
+                        "Ray ends with this command")
+    replicas = options.replicas or options.max_replicas
+    runtime.connect(args.address, num_cpus=max(os.cpu_count() or 1,
+                                               int(len(mounts) * replicas * options.num_cpus)))
+    deploy.deploy(config)
+    base = f"http://{options.host}:{options.port}"
+    for name, path in mounts:
+        print(f"serving {path}\n  at {base}/{name}/predict  (docs: {base}/{name}/docs)")
+    print(f"health: {base}/healthz")
+    if args.detach:
+        return 0
+    print("Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        deploy.stop([name for name, _ in mounts], local=local)
+        print("stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_serve_build(args) -> int:
+    import yaml
+
+    from distdl.inference import deploy
+
+    mounts = [deploy.mount(spec) for spec in args.checkpoints]
+    config = deploy.serve_config(mounts, _serve_settings(args))
+    Path(args.output).write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote {args.output}: serve deploy {args.output}, or embed it as a RayService's "
+          "serveConfigV2")
+    return 0
+
+
+def cmd_serve_update(args) -> int:
+    from distdl import runtime
+    from distdl.inference import deploy
+
+    runtime.connect(args.address)
+    version = deploy.update(args.name, args.checkpoint)
+    print(f"application {args.name} now serves {args.checkpoint} (model version {version})")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from distdl.inference import client
+
+    reply = client.query(args.url, args.files, api_key=args.api_key, timeout_s=args.timeout)
+    print(client.format_reply(reply, args.files))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "tune": cmd_tune, "evaluate": cmd_evaluate, "bench": cmd_bench,
-            "cluster": cmd_cluster, "submit": cmd_submit, "jobs": cmd_jobs}
+            "cluster": cmd_cluster, "submit": cmd_submit, "jobs": cmd_jobs, "serve": cmd_serve,
+            "serve build": cmd_serve_build, "serve update": cmd_serve_update, "query": cmd_query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.integration.cli import run_cli
+
 
 @pytest.fixture(scope="session")
 def ray_address():
@@ -19,3 +21,12 @@ def ray_address():
     address = connect(None, num_cpus=4, dashboard=True)
     yield address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_address, tmp_path_factory):
+    """The default `distdl train` (digits_cpu), once: training and serving tests share it."""
+    storage = tmp_path_factory.mktemp("storage")
+    done = run_cli("train", "--storage", str(storage), address=ray_address, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return storage / "digits", done.stdout

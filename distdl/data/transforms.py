@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +78,9 @@ def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: i
             pixels = np.asarray(img)
     except ValueError:
         raise
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image: not PNG, JPEG or another format Pillow "
+                         "reads") from None
     except Exception as exc:  # Pillow's decoders raise many types on corrupt data
         raise ValueError(f"not a readable image: {exc}") from None
     return pixels[..., None] if channels == 1 else pixels

@@ -12,15 +12,6 @@ from distdl.train import checkpoint, rundir
 from tests.integration.cli import run_cli
 
 
-@pytest.fixture(scope="module")
-def digits_run(ray_address, tmp_path_factory):
-    """The default `distdl train` (the digits_cpu recipe), once for the module."""
-    storage = tmp_path_factory.mktemp("storage")
-    done = run_cli("train", "--storage", str(storage), address=ray_address, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return storage / "digits", done.stdout
-
-
 @pytest.mark.slow
 def test_default_run_reaches_97_percent_and_writes_the_run_directory(digits_run):
     run_dir, stdout = digits_run

@@ -1,0 +1,70 @@
+"""`distdl query`: a small client that shows the endpoint's contract (requests, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from distdl.errors import UserError
+
+
+def query(url: str, files: list[str], *, api_key: str | None = None,
+          timeout_s: float = 30.0) -> dict[str, Any]:
+    """POST the files to URL/predict: one image as the raw body, several as multipart form
+    files, or one .json file of {"instances": [...]} as is."""
+    import requests
+
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/predict") else "/predict")
+    paths = [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"no such file: {path}")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        if len(paths) == 1 and paths[0].suffix.lower() == ".json":
+            headers["Content-Type"] = "application/json"
+            reply = requests.post(endpoint, data=paths[0].read_bytes(), headers=headers,
+                                  timeout=timeout_s)
+        elif len(paths) == 1:
+            headers["Content-Type"] = _image_type(paths[0])
+            reply = requests.post(endpoint, data=paths[0].read_bytes(), headers=headers,
+                                  timeout=timeout_s)
+        else:
+            parts = [("files", (p.name, p.read_bytes(), _image_type(p))) for p in paths]
+            reply = requests.post(endpoint, files=parts, headers=headers, timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise UserError(f"cannot reach {endpoint}: {type(exc).__name__} "
+                        "(is distdl serve running? check the URL)") from None
+    return _body(reply, endpoint)
+
+
+def _image_type(path: Path) -> str:
+    kind = mimetypes.guess_type(path.name)[0]
+    if not kind or not kind.startswith("image/"):
+        raise UserError(f"{path} is not an image file by its name (.png, .jpg, ...) nor a .json "
+                        "file of instances")
+    return kind
+
+
+def _body(reply, endpoint: str) -> dict[str, Any]:
+    try:
+        body = reply.json()
+    except ValueError:
+        body = {"error": reply.text.strip()[:200]}
+    if reply.status_code != 200:
+        raise UserError(f"{endpoint} answered {reply.status_code}: "
+                        f"{body.get('error', body) if isinstance(body, dict) else body}")
+    return body
+
+
+def format_reply(reply: dict[str, Any], files: list[str]) -> str:
+    names = files if len(reply["predictions"]) == len(files) else \
+        [f"instances[{i}]" for i in range(len(reply["predictions"]))]
+    lines = [f"model version {reply['model_version']}"]
+    for name, prediction in zip(names, reply["predictions"]):
+        scores = ", ".join(f"{s['class_name']} {s['probability']:.3f}"
+                           for s in prediction["top_k"][:3])
+        lines.append(f"{name}: {prediction['class_name']}  ({scores})")
+    return "\n".join(lines)

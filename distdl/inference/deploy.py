@@ -1,0 +1,232 @@
+"""Serve configs for distdl models, and deploying, updating and waiting for them.
+
+`distdl serve` and `distdl serve build` share `serve_config`: what runs locally is exactly the
+file that `serve deploy` or a KubeRay RayService (`serveConfigV2`) would run. Deploying goes
+through Serve's declarative path too, so `serve update` changes only a deployment's
+`user_config` and Serve reconfigures the running replicas in place, without dropping requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distdl.errors import UserError, failure_line
+from distdl.inference.inputs import Limits
+from distdl.inference.serve_app import API_KEY_ENV
+
+log = logging.getLogger(__name__)
+
+PREFIXES = {"image_classification": "vision"}  # a checkpoint's task -> where it mounts
+HEALTH_APP = "healthz"
+DEPLOYMENT = "VisionService"
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    replicas: int | None = 1  # fixed count; None with min/max replicas means autoscaling
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    max_ongoing_requests: int | None = None  # default: twice the batch size
+    max_queued_requests: int = 256
+    retry_after_s: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    threads: int | None = None  # torch threads per replica (default: its CPUs)
+    top_k: int = 5
+    limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+def mount(spec: str) -> tuple[str, str]:
+    """`NAME=PATH` or `PATH` -> (application name, absolute checkpoint path), checked to load."""
+    from distdl.train import checkpoint
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = "", spec
+    directory = Path(path).expanduser().resolve()
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise UserError(f"checkpoint {path} {problem}: give the checkpoint directory that "
+                        "holds model.pt and meta.json")
+    checkpoint.load_model(directory)  # a corrupt checkpoint fails here, not in a replica
+    task = checkpoint.load_meta(directory).get("task", "image_classification")
+    if task not in PREFIXES:
+        raise UserError(f"checkpoint {path} is for task {task!r}; distdl serves "
+                        f"{', '.join(PREFIXES)}")
+    name = name or PREFIXES[task]
+    if not name.replace("-", "").replace("_", "").isalnum() or name == HEALTH_APP:
+        raise UserError(f"bad application name {name!r}: use letters, digits, - and _")
+    return name, str(directory)
+
+
+def application(name: str, checkpoint: str, options: ServeOptions,
+                api_key: str | None = None) -> dict[str, Any]:
+    deployment: dict[str, Any] = {
+        "name": DEPLOYMENT,
+        "max_ongoing_requests": options.max_ongoing_requests or 2 * options.max_batch_size,
+        "max_queued_requests": options.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": options.retry_after_s},
+        "user_config": {"checkpoint": checkpoint, "max_batch_size": options.max_batch_size,
+                        "batch_wait_ms": options.batch_wait_ms},
+        "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+        "health_check_period_s": 5,
+    }
+    if options.replicas is None:
+        deployment["autoscaling_config"] = {
+            "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        }
+    else:
+        deployment["num_replicas"] = options.replicas
+    app: dict[str, Any] = {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "distdl.inference.serve_app:build_app",
+        "args": {"checkpoint": checkpoint, "limits": asdict(options.limits),
+                 "top_k": options.top_k, "threads": options.threads},
+        "deployments": [deployment],
+    }
+    if api_key:
+        app["runtime_env"] = {"env_vars": {API_KEY_ENV: api_key}}
+    return app
+
+
+def serve_config(mounts: list[tuple[str, str]], options: ServeOptions,
+                 api_key: str | None = None) -> dict[str, Any]:
+    """A Serve config (ServeDeploySchema) for the checkpoints, plus the /healthz application."""
+    names = [name for name, _ in mounts]
+    taken = {name for name in names if names.count(name) > 1}
+    if taken:
+        raise UserError(f"two checkpoints would mount at /{taken.pop()}: name them, as NAME=PATH")
+    apps = [application(name, path, options, api_key) for name, path in mounts]
+    apps.append({"name": HEALTH_APP, "route_prefix": f"/{HEALTH_APP}",
+                 "import_path": "distdl.inference.serve_app:build_health", "args": {}})
+    config = {"proxy_location": "HeadOnly",
+              "http_options": {"host": options.host, "port": options.port},
+              "applications": apps}
+    validate(config)
+    return config
+
+
+def validate(config: dict[str, Any]):
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        return ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        raise UserError(f"invalid Serve config: {str(exc).splitlines()[0]}") from None
+
+
+def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
+    """Start Serve (HTTP on the config's host and port) and run the config's applications.
+
+    Applications already running from an earlier config stay: a Serve config replaces every
+    application, so the running ones are merged in, and same-named ones are replaced.
+    """
+    from ray.serve._private.api import serve_start
+
+    validate(config)
+    client = serve_start(http_options=config["http_options"],
+                         proxy_location=config.get("proxy_location"))
+    _check_port(client, config["http_options"])
+    ours = {app["name"] for app in config["applications"]}
+    kept = [app for app in _deployed_apps(client) if app["name"] not in ours]
+    merged = {**config, "applications": kept + config["applications"]}
+    client.deploy_apps(validate(merged))
+    wait_running(sorted(ours), timeout_s=timeout_s)
+
+
+def _check_port(client, wanted: dict[str, Any]) -> None:
+    running = client.http_config
+    if (running.host, running.port) != (wanted["host"], wanted["port"]):
+        raise UserError(f"Serve already runs on this cluster at {running.host}:{running.port}; "
+                        f"use --host {running.host} --port {running.port}")
+
+
+def wait_running(names: list[str], *, timeout_s: float) -> None:
+    """Wait until the applications run; a failed deployment is one UserError line."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {name: apps[name].status.value if name in apps else "NOT_STARTED"
+                  for name in names}
+        failed = [name for name, state in states.items() if state == "DEPLOY_FAILED"]
+        if failed:
+            raise UserError(f"application {failed[0]} failed to deploy: "
+                            f"{_message(apps[failed[0]].message)}")
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"applications not running after {timeout_s:.0f} s: {states} "
+                            "(does the cluster have the CPUs and GPUs the replicas ask for?)")
+        time.sleep(0.5)
+
+
+def _message(text: str) -> str:
+    class _Failure(Exception):
+        pass
+
+    return failure_line(_Failure(text or "no message"))
+
+
+def _deployed_apps(client) -> list[dict[str, Any]]:
+    details = client.get_serve_details()
+    return [app["deployed_app_config"] for app in details.get("applications", {}).values()
+            if app.get("deployed_app_config")]
+
+
+def running_config() -> dict[str, Any]:
+    """The Serve config the cluster runs now, rebuilt from what the controller deployed."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        client = _get_global_client()
+        apps = _deployed_apps(client)
+    except Exception as exc:  # Serve raises RayServeException and others when it is not running
+        raise UserError(f"Serve is not running on this cluster: {failure_line(exc)}") from None
+    http = client.http_config
+    return {"proxy_location": "HeadOnly",
+            "http_options": {"host": http.host, "port": http.port},
+            "applications": apps}
+
+
+def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
+    """Point application `name` at another checkpoint, in place; returns the new model version."""
+    from distdl.inference.serve_app import model_version
+
+    config = running_config()
+    apps = {app["name"]: app for app in config["applications"]}
+    if name not in apps or name == HEALTH_APP:
+        raise UserError(f"no distdl application {name!r} is running "
+                        f"(running: {', '.join(sorted(set(apps) - {HEALTH_APP})) or 'none'})")
+    _, checkpoint = mount(checkpoint_spec)
+    deployment = next(d for d in apps[name]["deployments"] if d["name"] == DEPLOYMENT)
+    deployment["user_config"] = {**deployment.get("user_config", {}), "checkpoint": checkpoint}
+    deploy(config, timeout_s=timeout_s)
+    return model_version(checkpoint)
+
+
+def stop(names: list[str], *, local: bool) -> None:
+    """Graceful stop: replicas finish the requests they hold. A local Serve shuts down entirely;
+    on a shared cluster only these applications go."""
+    from ray import serve
+
+    if local:
+        serve.shutdown()
+        return
+    for name in names:
+        serve.delete(name)
+    if set(serve.status().applications) == {HEALTH_APP}:
+        serve.delete(HEALTH_APP)

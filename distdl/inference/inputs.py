@@ -1,0 +1,122 @@
+"""Turning what an HTTP client sends into uint8 images the Predictor takes (no Ray, no web server).
+
+Every mistake a client can make becomes a `BadInput` with the HTTP status to answer and a
+message that names the problem, so the service can reply 4xx and keep serving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from distdl.data.transforms import decode_image, resize_uint8
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
+
+
+class BadInput(ValueError):
+    """A client mistake: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one request may carry. The defaults suit images up to a few megapixels."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 16_000_000  # per image: a decompression bomb is refused before decoding
+    max_instances: int = 64
+
+
+def check_body_size(size: int, limits: Limits) -> None:
+    if size > limits.max_body_bytes:
+        raise BadInput(f"request body of {size} bytes is larger than the limit of "
+                       f"{limits.max_body_bytes} bytes", status=413)
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def decode(data: bytes, *, input_shape: tuple[int, int, int], limits: Limits,
+           what: str = "body") -> np.ndarray:
+    """One encoded image (PNG, JPEG, ...) -> uint8 (H, W, C) at the model's input size."""
+    if not data:
+        raise BadInput(f"the {what} is empty: send an encoded image")
+    channels, height, width = input_shape
+    try:
+        return decode_image(data, channels=channels, size=(height, width),
+                            max_pixels=limits.max_pixels)
+    except ValueError as exc:
+        status = 413 if "larger than" in str(exc) else 400
+        raise BadInput(f"{what}: {exc}", status=status) from None
+
+
+def count_instances(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise BadInput("the request holds no images")
+    if n > limits.max_instances:
+        raise BadInput(f"{n} images in one request; the limit is {limits.max_instances}", status=413)
+
+
+def from_json(payload: Any, *, input_shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
+    """`{"instances": [pixel array, ...]}` -> uint8 (N, H, W, C).
+
+    A pixel array is (H, W) or (H, W, C) numbers in [0, 255]; other sizes are resized.
+    """
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise BadInput('JSON body must be an object {"instances": [pixel array, ...]}')
+    instances = payload["instances"]
+    if not isinstance(instances, list):
+        raise BadInput('"instances" must be a list of pixel arrays')
+    count_instances(len(instances), limits)
+    return np.stack([_pixels(item, i, input_shape, limits) for i, item in enumerate(instances)])
+
+
+def _pixels(item: Any, index: int, input_shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
+    channels, height, width = input_shape
+    where = f"instances[{index}]"
+    try:
+        array = np.asarray(item, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise BadInput(f"{where} is not a rectangular array of numbers") from None
+    if array.ndim == 2 and channels == 1:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] != channels:
+        expected = f"(H, W) or (H, W, {channels})" if channels == 1 else f"(H, W, {channels})"
+        raise BadInput(f"{where} has shape {array.shape}; expected {expected}")
+    if array.shape[0] * array.shape[1] > limits.max_pixels or 0 in array.shape:
+        raise BadInput(f"{where} has {array.shape[0]}x{array.shape[1]} pixels; "
+                       f"allowed 1 to {limits.max_pixels}")
+    if not np.isfinite(array).all():
+        raise BadInput(f"{where} holds NaN or infinite values")
+    if array.min() < 0 or array.max() > 255:
+        raise BadInput(f"{where} has values outside [0, 255]")
+    image = np.rint(array).astype(np.uint8)
+    return resize_uint8(image, (height, width))
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """One prediction per row of class probabilities: the best class and the k most likely."""
+    k = max(1, min(k, len(classes)))
+    results = []
+    for row in probs:
+        order = np.argsort(-row)[:k]
+        best = int(order[0])
+        results.append({
+            "class_index": best,
+            "class_name": classes[best],
+            "top_k": [{"class_index": int(i), "class_name": classes[i],
+                       "probability": _finite(float(row[i]))} for i in order],
+        })
+    return results
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0

@@ -1,0 +1,263 @@
+"""The Ray Serve application: a FastAPI ingress whose replicas batch images into the shared Predictor.
+
+One deployment per model is both the HTTP ingress and the batched model. A separate model
+deployment behind the ingress would add a second replica hop, which costs about 6 ms of CPU per
+request on a 2-core machine: more than a digits forward pass. Replicas scale out as a unit.
+
+Config that can change without a restart (the checkpoint, the batch size and wait) is the
+deployment's `user_config`, applied by `reconfigure`: `distdl serve update` swaps models in place.
+Nothing here runs at import time beyond defining the app; the model loads in the replica.
+"""
+
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve import metrics
+from starlette.exceptions import HTTPException
+
+from distdl.inference import inputs
+from distdl.inference.inputs import BadInput, Limits
+
+API_KEY_ENV = "DISTDL_API_KEY"
+log = logging.getLogger("ray.serve")
+
+
+class ClassScore(BaseModel):
+    class_index: int
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    class_index: int
+    class_name: str
+    top_k: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    batch_size: int  # images in the forward pass that answered: > 1 when requests were batched
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    model_version: str
+    checkpoint: str
+    task: str
+    classes: list[str]
+    input_shape: list[int]
+    model: dict[str, Any]
+    metrics: dict[str, Any]
+    max_batch_size: int
+    batch_wait_ms: float
+
+
+api = FastAPI(
+    title="distdl vision",
+    description="Image classification with a model trained by `distdl train`.",
+    version="1",
+)
+
+
+@api.middleware("http")
+async def require_api_key(request: Request, call_next):
+    """With DISTDL_API_KEY set, every request must carry it (Authorization: Bearer, or X-API-Key)."""
+    expected = os.environ.get(API_KEY_ENV)
+    if expected:
+        given = request.headers.get("x-api-key") or ""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = token.strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return JSONResponse({"error": "missing or wrong API key: send "
+                                          "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+@api.exception_handler(BadInput)
+async def _bad_input(request: Request, exc: BadInput) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid request')}"},
+                        status_code=422)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+def model_version(checkpoint: str | Path) -> str:
+    """A short content hash of the weights: the same file always names the same version."""
+    digest = hashlib.sha256((Path(checkpoint) / "model.pt").read_bytes()).hexdigest()
+    return digest[:12]
+
+
+# Module functions the deployment uses come before it: Serve pickles the class where it is
+# decorated, and a name defined further down would be missing in the replica.
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit (chunked bodies included)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        inputs.check_body_size(size, limits)
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # Starlette's cache: request.form() parses these bytes
+    return request._body
+
+
+async def _multipart_images(request: Request, shape: tuple[int, int, int],
+                            limits: Limits) -> np.ndarray:
+    try:
+        form = await request.form(max_files=limits.max_instances + 1)
+    except Exception as exc:  # Starlette and python-multipart raise several types for bad bodies
+        raise BadInput(f"malformed multipart body: {exc}") from None
+    files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+    inputs.count_instances(len(files), limits)
+    images = [inputs.decode(await f.read(), input_shape=shape, limits=limits,
+                            what=f"file {f.filename!r}") for f in files]
+    return np.stack(images)
+
+
+@serve.deployment(name="VisionService", max_ongoing_requests=64, health_check_period_s=5)
+@serve.ingress(api)
+class VisionService:
+    def __init__(self, checkpoint: str, limits: dict | None = None, top_k: int = 5,
+                 threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._limits = Limits(**(limits or {}))
+        self._top_k = top_k
+        self._checkpoint: str | None = None
+        self._batching = {"max_batch_size": 32, "batch_wait_ms": 5.0}
+        self._load(checkpoint)
+        self._requests = metrics.Counter(
+            "distdl_requests", description="Prediction requests by HTTP status.",
+            tag_keys=("status",))
+        self._batch_sizes = metrics.Histogram(
+            "distdl_batch_size", description="Images per forward pass.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+
+    def _load(self, checkpoint: str) -> None:
+        from distdl.inference.predictor import Predictor
+
+        predictor = Predictor.from_checkpoint(checkpoint)
+        # Both change together, between batches: a batch always runs on one model.
+        self._predictor, self._version = predictor, model_version(checkpoint)
+        self._checkpoint = checkpoint
+        log.info("serving %s (version %s)", checkpoint, self._version)
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply `user_config`: a new checkpoint loads before it replaces the old one."""
+        if config.get("checkpoint") and config["checkpoint"] != self._checkpoint:
+            self._load(config["checkpoint"])
+        self._batching = {
+            "max_batch_size": int(config.get("max_batch_size", self._batching["max_batch_size"])),
+            "batch_wait_ms": float(config.get("batch_wait_ms", self._batching["batch_wait_ms"])),
+        }
+        self.predict_batch.set_max_batch_size(self._batching["max_batch_size"])
+        self.predict_batch.set_batch_wait_timeout_s(self._batching["batch_wait_ms"] / 1000)
+
+    def check_health(self) -> None:
+        if self._predictor is None:
+            raise RuntimeError("no model loaded")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str, int]]:
+        """Requests that arrive together run as one forward pass, off the event loop."""
+        predictor, version = self._predictor, self._version
+        images = np.concatenate(requests)
+        probs = await asyncio.to_thread(predictor.predict, images)
+        self._batch_sizes.observe(len(images))
+        bounds = np.cumsum([0] + [len(r) for r in requests])
+        return [(probs[a:b], version, len(images)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @api.post("/predict", response_model=PredictResponse,
+              responses={400: {}, 401: {}, 413: {}, 415: {}, 503: {}})
+    async def predict(self, request: Request) -> dict[str, Any]:
+        """One image as the raw body (image/png, image/jpeg), several as multipart form files,
+        or JSON {"instances": [pixel arrays]}. Images of another size are resized."""
+        try:
+            images = await self._read_images(request)
+        except BadInput as exc:
+            self._requests.inc(tags={"status": str(exc.status)})
+            raise
+        probs, version, batch_size = await self.predict_batch(images)
+        self._requests.inc(tags={"status": "200"})
+        return {"model_version": version, "batch_size": batch_size,
+                "predictions": inputs.top_k(probs, self._predictor.classes, self._top_k)}
+
+    @api.get("/model", response_model=ModelInfo)
+    async def model(self) -> dict[str, Any]:
+        meta = self._predictor.meta
+        return {"model_version": self._version, "checkpoint": self._checkpoint,
+                "task": meta.get("task", "image_classification"), "classes": meta["classes"],
+                "input_shape": meta["input_shape"], "model": meta["model"],
+                "metrics": meta.get("metrics", {}), **self._batching}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model_version": self._version}
+
+    async def _read_images(self, request: Request) -> np.ndarray:
+        limits, shape = self._limits, tuple(self._predictor.input_shape)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            inputs.check_body_size(int(declared), limits)
+        body = await _read_body(request, limits)
+        kind = inputs.media_type(request.headers.get("content-type"))
+        if kind in inputs.IMAGE_TYPES:
+            return inputs.decode(body, input_shape=shape, limits=limits)[None]
+        if kind == "application/json":
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BadInput(f"body is not valid JSON: {exc}") from None
+            return inputs.from_json(payload, input_shape=shape, limits=limits)
+        if kind == "multipart/form-data":
+            return await _multipart_images(request, shape, limits)
+        raise BadInput(f"unsupported content type {kind or '(none)'}: send image/png, image/jpeg, "
+                       "multipart/form-data or application/json", status=415)
+
+
+@serve.deployment(name="Health", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+class Health:
+    """GET /healthz: 200 when every application is running, else 503 with their states."""
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        states = {name: app.status.value for name, app in serve.status().applications.items()}
+        ok = all(state == "RUNNING" for state in states.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "applications": states},
+                            status_code=200 if ok else 503)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (`import_path: distdl.inference.serve_app:build_app`)."""
+    return VisionService.bind(checkpoint=args["checkpoint"], limits=args.get("limits"),
+                              top_k=int(args.get("top_k", 5)), threads=args.get("threads"))
+
+
+def build_health(args: dict[str, Any]) -> serve.Application:
+    return Health.bind()

@@ -1,0 +1,326 @@
+"""`distdl serve`, `serve update`, `serve build` and `query` for real: Ray Serve on the session's
+Ray, HTTP on 127.0.0.1, the model trained by the session's default `distdl train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from distdl.config import DataConfig, ModelConfig
+from distdl.inference.predictor import Predictor
+from distdl.models import build_model
+from distdl.train import checkpoint, rundir
+from tests.integration.cli import popen_cli, run_cli
+
+PORT = 18231
+BASE = f"http://127.0.0.1:{PORT}"
+LIMITS = ("--max-pixels", "40000", "--max-instances", "8", "--max-body-mb", "1")
+
+pytestmark = pytest.mark.slow
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _post_png(path: str, image: np.ndarray, **kwargs) -> requests.Response:
+    return requests.post(f"{BASE}{path}", data=_png(image),
+                         headers={"Content-Type": "image/png", **kwargs.pop("headers", {})},
+                         timeout=60, **kwargs)
+
+
+def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 180) -> str:
+    """Read the CLI's output until `text`; the reader thread keeps the pipe drained after."""
+    seen: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            seen.append(line)
+            if text in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        process.kill()
+        pytest.fail(f"no {text!r} from distdl serve:\n{''.join(seen)[-3000:]}")
+    return "".join(seen)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(digits_run):
+    """(best, another) checkpoint of the digits run: different weights, different versions."""
+    run_dir, _ = digits_run
+    best = rundir.read_result(run_dir)["best_checkpoint"]
+    others = sorted(str(p.parent) for p in run_dir.glob("checkpoint_*/model.pt")
+                    if str(p.parent) != best)
+    assert others, "the run keeps more than one checkpoint"
+    return best, others[-1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_address, checkpoints):
+    """`distdl serve` in the foreground, as a user runs it; Ctrl-C (SIGINT) at the end."""
+    process = popen_cli("serve", f"vision={checkpoints[0]}", "--port", str(PORT),
+                        "--max-batch-size", "16", "--batch-wait-ms", "20", *LIMITS,
+                        address=ray_address)
+    _wait_for_line(process, "Ctrl-C stops")
+    yield process
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    from ray import serve
+
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def validation(checkpoints):
+    """The digits validation split as uint8 images, exactly as training held it out."""
+    from distdl.data.sources import load_images
+
+    meta = checkpoint.load_meta(checkpoints[0])
+    val = load_images(DataConfig(**meta["data"])).val.take_all()
+    return np.stack([row["image"] for row in val]), np.array([row["label"] for row in val])
+
+
+def test_served_model_scores_validation_pngs_like_training(served, checkpoints, validation):
+    images, labels = validation
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda im: _post_png("/vision/predict", im), images))
+    assert all(r.status_code == 200 for r in replies)
+    predicted = np.array([r.json()["predictions"][0]["class_index"] for r in replies])
+    served_accuracy = float((predicted == labels).mean())
+    trained_accuracy = checkpoint.load_meta(checkpoints[0])["metrics"]["val_accuracy"]
+    assert abs(served_accuracy - trained_accuracy) <= 0.01, (served_accuracy, trained_accuracy)
+    assert served_accuracy >= 0.95
+
+
+def test_concurrent_clients_get_correct_answers_in_batches(served, checkpoints, validation):
+    images, _ = validation
+    expected = Predictor.from_checkpoint(checkpoints[0]).predict(images).argmax(axis=1)
+
+    def client(worker: int) -> list[tuple[int, int, int]]:
+        out = []
+        for i in range(worker, len(images), 16):
+            reply = _post_png("/vision/predict", images[i]).json()
+            out.append((i, reply["predictions"][0]["class_index"], reply["batch_size"]))
+        return out
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [row for rows in pool.map(client, range(16)) for row in rows]
+    assert len(results) == len(images)
+    assert all(expected[i] == got for i, got, _ in results)
+    assert max(batch for _, _, batch in results) > 1
+
+
+def test_every_way_to_send_images_and_the_metadata(served, validation):
+    images, labels = validation
+    files = [("files", (f"{i}.png", _png(images[i]), "image/png")) for i in range(3)]
+    multipart = requests.post(f"{BASE}/vision/predict", files=files, timeout=60)
+    as_json = requests.post(f"{BASE}/vision/predict", timeout=60,
+                            json={"instances": [images[i].squeeze(-1).tolist() for i in range(3)]})
+    big = np.kron(images[0].squeeze(-1), np.ones((4, 4), np.uint8))[..., None]  # 32x32: resized
+    resized = _post_png("/vision/predict", big)
+    for reply in (multipart, as_json, resized):
+        assert reply.status_code == 200, reply.text
+    assert [p["class_index"] for p in multipart.json()["predictions"]] == \
+        [p["class_index"] for p in as_json.json()["predictions"]]
+    assert len(multipart.json()["predictions"][0]["top_k"]) == 5
+    info = requests.get(f"{BASE}/vision/model", timeout=10).json()
+    assert info["classes"] == [str(d) for d in range(10)] and info["input_shape"] == [1, 8, 8]
+    assert info["model_version"] == multipart.json()["model_version"]
+    health = requests.get(f"{BASE}/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["applications"]["vision"] == "RUNNING"
+    assert "/predict" in requests.get(f"{BASE}/vision/openapi.json", timeout=10).json()["paths"]
+
+
+def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
+    png = _png(image)
+    huge = _png(np.zeros((300, 300, 1), np.uint8))  # 90,000 pixels > --max-pixels 40000
+    instance = image.squeeze(-1).tolist()
+    as_json = {"headers": {"Content-Type": "application/json"}}
+    return {
+        "empty body": ({"data": b"", "headers": {"Content-Type": "image/png"}}, 400),
+        "truncated png": ({"data": png[: len(png) // 2], "headers": {"Content-Type": "image/png"}},
+                          400),
+        "not an image": ({"data": b"hello", "headers": {"Content-Type": "image/jpeg"}}, 400),
+        "content type": ({"data": png, "headers": {"Content-Type": "text/plain"}}, 415),
+        "pixel bomb": ({"data": huge, "headers": {"Content-Type": "image/png"}}, 413),
+        "body too big": ({"data": b"\0" * (1024 * 1024 + 1),
+                          "headers": {"Content-Type": "image/png"}}, 413),
+        "bad json": ({"data": b'{"instances": [', **as_json}, 400),
+        "json not object": ({"data": b"[1, 2]", **as_json}, 400),
+        "wrong shape": ({"data": json.dumps({"instances": [[1, 2, 3]]}), **as_json}, 400),
+        "strings": ({"data": json.dumps({"instances": [[["a"]]]}), **as_json}, 400),
+        "nan": ({"data": json.dumps({"instances": [[[float("nan")] * 8] * 8]}), **as_json}, 400),
+        "infinity": ({"data": '{"instances": [[[Infinity]]]}', **as_json}, 400),
+        "out of range": ({"data": json.dumps({"instances": [[[300] * 8] * 8]}), **as_json}, 400),
+        "too many": ({"data": json.dumps({"instances": [instance] * 9}), **as_json}, 413),
+        "no instances": ({"data": json.dumps({"instances": []}), **as_json}, 400),
+        "bad multipart": ({"data": b"junk", "headers": {
+            "Content-Type": "multipart/form-data; boundary=x"}}, 400),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(np.zeros((8, 8, 1), np.uint8))))
+def test_bad_input_gets_its_4xx_and_the_replica_keeps_serving(served, validation, case):
+    images, _ = validation
+    kwargs, status = _bad_requests(images[0])[case]
+    reply = requests.post(f"{BASE}/vision/predict", timeout=60, **kwargs)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]
+    assert _post_png("/vision/predict", images[0]).status_code == 200
+
+
+def test_api_key_guards_an_application(ray_address, served, checkpoints, validation):
+    images, _ = validation
+    done = run_cli("serve", f"secure={checkpoints[0]}", "--port", str(PORT), "--api-key", "s3cret",
+                   "--detach", address=ray_address)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _post_png("/secure/predict", images[0]).status_code == 401
+    wrong = _post_png("/secure/predict", images[0], headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+    right = _post_png("/secure/predict", images[0], headers={"Authorization": "Bearer s3cret"})
+    assert right.status_code == 200
+    assert _post_png("/vision/predict", images[0]).status_code == 200  # the other app: no key
+
+
+def test_query_prints_predictions(served, validation, tmp_path):
+    images, _ = validation
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"digit{i}.png")
+        paths[-1].write_bytes(_png(images[i]))
+    done = run_cli("query", f"{BASE}/vision", *map(str, paths))
+    assert done.returncode == 0, done.stderr
+    for i, path in enumerate(paths):
+        name = _post_png("/vision/predict", images[i]).json()["predictions"][0]["class_name"]
+        assert f"{path}: {name}  (" in done.stdout
+    bad = run_cli("query", f"{BASE}/vision", str(tmp_path / "missing.png"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_update_swaps_the_model_without_failing_a_request(ray_address, served, checkpoints,
+                                                           validation):
+    images, _ = validation
+    before = requests.get(f"{BASE}/vision/model", timeout=10).json()["model_version"]
+    versions, failures, stop = [], [], threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                reply = _post_png("/vision/predict", images[len(versions) % len(images)])
+                if reply.status_code == 200:
+                    versions.append(reply.json()["model_version"])
+                else:
+                    failures.append(reply.status_code)
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    done = run_cli("serve", "update", "vision", "--checkpoint", checkpoints[1],
+                   address=ray_address)
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = requests.get(f"{BASE}/vision/model", timeout=10).json()["model_version"]
+    assert failures == []
+    assert before != after and after in done.stdout
+    assert versions[0] == before and versions[-1] == after
+    assert set(versions) == {before, after}
+
+
+@pytest.fixture
+def slow_checkpoint(tmp_path) -> str:
+    """A ResNet-18 at 224x224, untrained: a real checkpoint whose forward pass takes a while."""
+    model_cfg = ModelConfig(name="resnet18")
+    model = build_model(model_cfg, num_classes=10, in_channels=3, image_size=224)
+    meta = checkpoint.make_meta(model=model_cfg, classes=[str(i) for i in range(10)],
+                                input_shape=(3, 224, 224),
+                                normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
+                                data=DataConfig(source="shapes"))
+    return str(checkpoint.save(tmp_path / "slow", model, meta))
+
+
+def test_overload_gets_503_with_retry_after_quickly(ray_address, served, slow_checkpoint):
+    done = run_cli("serve", f"slow={slow_checkpoint}", "--port", str(PORT), "--max-batch-size",
+                   "1", "--max-queued-requests", "2", "--detach", address=ray_address)
+    assert done.returncode == 0, done.stderr[-2000:]
+    png = _png(np.zeros((224, 224, 3), np.uint8))
+
+    def call(_) -> tuple[int, float, str | None]:
+        started = time.monotonic()
+        reply = requests.post(f"{BASE}/slow/predict", data=png, timeout=60,
+                              headers={"Content-Type": "image/png"})
+        return reply.status_code, time.monotonic() - started, reply.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    ok = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 503]
+    assert len(ok) + len(rejected) == 24 and ok and rejected
+    assert all(retry == "1" for _, _, retry in rejected)
+    assert max(seconds for _, seconds, _ in rejected) < max(seconds for _, seconds, _ in ok)
+
+
+def test_serve_build_writes_a_config_that_validates_and_deploys(ray_address, served, checkpoints,
+                                                                  tmp_path):
+    """Last in the module: `serve deploy` replaces every application with the file's."""
+    import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    done = run_cli("serve", "build", f"built={checkpoints[0]}", "--port", str(PORT),
+                   "--min-replicas", "1", "--max-replicas", "2", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(out.read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path.startswith("distdl.") and app.route_prefix == "/built"
+    assert config["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 2
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    deployed = subprocess.run([serve_cli, "deploy", str(out), "-a", dashboard],
+                              capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        reply = requests.get(f"{BASE}/built/model", timeout=10)
+        if reply.status_code == 200:
+            break
+        time.sleep(1)
+    assert reply.status_code == 200 and reply.json()["checkpoint"] == checkpoints[0]
+
+
+def test_serve_refuses_a_missing_or_corrupt_checkpoint(tmp_path):
+    missing = run_cli("serve", str(tmp_path / "nothing"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "meta.json").write_text("{not json")
+    corrupt = run_cli("serve", str(tmp_path / "bad"))
+    for done in (missing, corrupt):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and "checkpoint" in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
