@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train = bench_sub.add_parser("train", help="distdl training loop vs a bare PyTorch loop")
     _config_args(bench_train)
     bench_train.add_argument("--json", help="also write the report to this JSON file")
+    bench_serve = bench_sub.add_parser("serve", help="Serve batched and unbatched vs bare FastAPI")
+    bench_serve.add_argument("--model", default="digits", choices=["digits", "resnet18"],
+                             help="digits (small_cnn, 8x8) or resnet18 (shapes, 32x32)")
+    bench_serve.add_argument("--checkpoint", help="serve this checkpoint instead")
+    bench_serve.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
+    bench_serve.add_argument("--seconds", type=float, default=15.0, help="per measurement (15)")
+    bench_serve.add_argument("--max-batch-size", type=int, default=32, help="(default 32)")
+    bench_serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="(default 5)")
+    bench_serve.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    bench_serve.add_argument("--port", type=int, default=8300, help="(default 8300 and 8301)")
+    bench_serve.add_argument("--json", help="also write the report to this JSON file")
     _cluster_parsers(sub)
     _serve_parsers(sub)
     return parser
@@ -115,6 +126,9 @@ def _serve_parsers(sub) -> None:
     _ray_args(serve)
     serve.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
                        help="require this key from clients (default: DISTDL_API_KEY)")
+    serve.add_argument("--direct-ingress", action="store_true",
+                       help="each replica also answers on a port of its own, skipping Serve's "
+                            "proxy (a Ray that distdl starts; prints the replica URLs)")
     serve.add_argument("--detach", action="store_true",
                        help="deploy and return, leaving Serve running on the cluster (--address)")
 
@@ -256,10 +270,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from distdl.bench import serve as bench_serve
     from distdl.bench import train as bench_train
 
-    report = bench_train.run(_config(args), command_started=STARTED)
-    print(bench_train.format_report(report))
+    if args.bench == "train":
+        report = bench_train.run(_config(args), command_started=STARTED)
+        print(bench_train.format_report(report))
+    else:
+        report = bench_serve.run(model=args.model, checkpoint=args.checkpoint,
+                                 clients=args.clients, seconds=args.seconds,
+                                 max_batch_size=args.max_batch_size,
+                                 batch_wait_ms=args.batch_wait_ms, threads=args.threads,
+                                 port=args.port)
+        print(bench_serve.format_report(report))
     print(json.dumps(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -374,6 +397,11 @@ def cmd_serve(args) -> int:
     if args.detach and local:
         raise UserError("--detach needs a running cluster (--address or RAY_ADDRESS): a local "
                         "Ray ends with this command")
+    if args.direct_ingress and not local:
+        raise UserError("--direct-ingress applies to a Ray that distdl starts; on a cluster, set "
+                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its nodes' environment")
+    if args.direct_ingress:
+        deploy.enable_direct_ingress()
     replicas = options.replicas or options.max_replicas
     runtime.connect(args.address, num_cpus=max(os.cpu_count() or 1,
                                                int(len(mounts) * replicas * options.num_cpus)))
@@ -381,6 +409,8 @@ def cmd_serve(args) -> int:
     base = f"http://{options.host}:{options.port}"
     for name, path in mounts:
         print(f"serving {path}\n  at {base}/{name}/predict  (docs: {base}/{name}/docs)")
+        for url in deploy.replica_urls(name) if args.direct_ingress else []:
+            print(f"  replica, direct: {url}/predict")
     print(f"health: {base}/healthz")
     if args.detach:
         return 0

@@ -9,6 +9,7 @@ through Serve's declarative path too, so `serve update` changes only a deploymen
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,10 +17,10 @@ from typing import Any
 
 from distdl.errors import UserError, failure_line
 from distdl.inference.inputs import Limits
-from distdl.inference.serve_app import API_KEY_ENV
 
 log = logging.getLogger(__name__)
 
+API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
 PREFIXES = {"image_classification": "vision"}  # a checkpoint's task -> where it mounts
 HEALTH_APP = "healthz"
 DEPLOYMENT = "VisionService"
@@ -216,6 +217,30 @@ def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
     deployment["user_config"] = {**deployment.get("user_config", {}), "checkpoint": checkpoint}
     deploy(config, timeout_s=timeout_s)
     return model_version(checkpoint)
+
+
+def enable_direct_ingress() -> None:
+    """Let each ingress replica also answer HTTP on a port of its own, skipping the proxy hop.
+
+    Serve reads the setting when its processes start, so it applies to a Ray that distdl starts
+    (a cluster's nodes need RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in their own environment). The
+    proxy on --port keeps working. Replicas normally drain for 30 s before stopping in this mode,
+    for outside load balancers; one replica on one machine needs only its own graceful timeout.
+    """
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+def replica_urls(name: str) -> list[str]:
+    """With direct ingress, the URL of each replica of application `name`, else nothing."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote(app_name=name))
+    return [f"http://{t.ip}:{t.port}{g.route_prefix}" for g in groups
+            if g.app_name == name and g.protocol.value == "HTTP" for t in g.targets
+            if t.name.startswith("SERVE_REPLICA::")]
 
 
 def stop(names: list[str], *, local: bool) -> None:

@@ -29,9 +29,9 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException
 
 from distdl.inference import inputs
+from distdl.inference.deploy import API_KEY_ENV
 from distdl.inference.inputs import BadInput, Limits
 
-API_KEY_ENV = "DISTDL_API_KEY"
 log = logging.getLogger("ray.serve")
 
 

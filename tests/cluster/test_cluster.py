@@ -59,6 +59,29 @@ def test_submit_follow_trains_on_two_nodes(local_cluster, cluster_env):
     assert (Path(result["best_checkpoint"]) / "model.pt").is_file()
 
 
+def test_serve_job_keeps_serving_with_its_api_key(local_cluster, cluster_env):
+    """`jobs/serve.py --detach` as a plain Ray job: the model serves on after the job ends."""
+    result = json.loads((Path(local_cluster["storage"]) / "submitted" / "result.json").read_text())
+    ray = str(Path(sys.executable).parent / "ray")
+    run = subprocess.run(
+        [ray, "job", "submit", "--address", local_cluster["dashboard_url"], "--working-dir", ".",
+         "--", "python", "jobs/serve.py", result["best_checkpoint"], "--port", "18461",
+         "--api-key", "k3y", "--detach"],
+        capture_output=True, text=True, timeout=240, env=cluster_env, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    url = "http://127.0.0.1:18461/vision/model"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    asked = urllib.request.Request(url, headers={"Authorization": "Bearer k3y"})
+    with urllib.request.urlopen(asked, timeout=10) as reply:
+        assert json.loads(reply.read())["checkpoint"] == result["best_checkpoint"]
+    serve = str(Path(sys.executable).parent / "serve")
+    down = subprocess.run([serve, "shutdown", "-a", local_cluster["dashboard_url"], "-y"],
+                          capture_output=True, text=True, timeout=120, env=cluster_env)
+    assert down.returncode == 0, down.stderr
+
+
 def test_plain_ray_job_submit(local_cluster, cluster_env):
     storage = local_cluster["storage"]
     ray = str(Path(sys.executable).parent / "ray")

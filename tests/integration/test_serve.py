@@ -324,3 +324,21 @@ def test_serve_refuses_a_missing_or_corrupt_checkpoint(tmp_path):
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("error: ") and "checkpoint" in done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints, validation):
+    """No --address: distdl starts its own Ray, and Ctrl-C shuts it all down."""
+    images, _ = validation
+    process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
+                                "--port", str(PORT + 1), "--direct-ingress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _wait_for_line(process, "Ctrl-C stops")
+    try:
+        direct = [line.split()[-1] for line in output.splitlines() if "replica, direct:" in line]
+        assert len(direct) == 1 and f":{PORT + 1}/" not in direct[0]
+        reply = requests.post(direct[0], data=_png(images[0]), timeout=60,
+                              headers={"Content-Type": "image/png"})
+        assert reply.status_code == 200 and reply.json()["predictions"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0

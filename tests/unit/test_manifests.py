@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 # The CRDs are not copied into the project: they sit in shared/ beside the checkout.
 CRDS = Path(os.environ.get("DISTDL_KUBERAY_CRDS")
             or REPO.parent / "shared" / "kuberay-crds")
-MANIFESTS = {"raycluster.yaml": "ray.io_rayclusters.yaml", "rayjob.yaml": "ray.io_rayjobs.yaml"}
+MANIFESTS = {"raycluster.yaml": "ray.io_rayclusters.yaml", "rayjob.yaml": "ray.io_rayjobs.yaml",
+             "rayservice.yaml": "ray.io_rayservices.yaml"}
 
 
 def _strict(schema: dict) -> dict:
@@ -71,10 +72,14 @@ def test_strict_schema_refuses_a_misspelt_field():
         jsonschema.validate(doc, _crd_schema(MANIFESTS["raycluster.yaml"], "v1"))
 
 
+def _kuberay(name: str) -> dict:
+    return yaml.safe_load((REPO / "cluster" / "kuberay" / name).read_text())
+
+
 def test_kuberay_gpu_workers_have_shm_and_token_auth():
-    cluster = yaml.safe_load((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text())
-    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
-    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+    cluster, job, service = (_kuberay(f"ray{kind}.yaml") for kind in ("cluster", "job", "service"))
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"],
+                 service["spec"]["rayClusterConfig"]):
         assert spec["authOptions"]["mode"] == "token"
         pod = spec["workerGroupSpecs"][0]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -82,6 +87,17 @@ def test_kuberay_gpu_workers_have_shm_and_token_auth():
         assert shm["emptyDir"]["medium"] == "Memory"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert "distdl.cli train" in job["spec"]["entrypoint"]
+
+
+def test_rayservice_embeds_what_serve_build_writes():
+    from distdl.inference import deploy
+
+    embedded = yaml.safe_load(_kuberay("rayservice.yaml")["spec"]["serveConfigV2"])
+    # The options of the command in the manifest's header comment.
+    options = deploy.ServeOptions(replicas=None, min_replicas=1, max_replicas=4, num_cpus=2,
+                                  num_gpus=1, host="0.0.0.0")
+    checkpoint = embedded["applications"][0]["args"]["checkpoint"]
+    assert embedded == deploy.serve_config([("vision", checkpoint)], options)
 
 
 def test_aws_config_matches_ray_schema():

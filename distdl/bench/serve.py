@@ -1,0 +1,221 @@
+"""`distdl bench serve`: distdl on Ray Serve, batched and unbatched, against a bare FastAPI server.
+
+Serve is measured two ways: through its HTTP proxy (the --port every client can use) and
+direct to the replica's own port (direct ingress), which skips the proxy's hop.
+
+All three serve the same checkpoint with the same decoding and Predictor, and the same torch
+threads, to the same closed-loop load: `clients` concurrent HTTP clients on 127.0.0.1, each
+sending the next PNG as soon as its last answer arrives. Each figure comes after a warm-up.
+A one-client pass gives the per-request latency, whose difference from the bare server is
+distdl's overhead per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from distdl import provenance, recipes, runtime
+from distdl.config import resolve
+from distdl.errors import UserError
+
+VARIANTS = ("serve_batched", "serve_unbatched", "serve_batched_direct", "serve_unbatched_direct",
+            "bare_fastapi")
+MODELS = {"digits": "digits_cpu", "resnet18": "shapes_resnet18_gpu"}  # -> the recipe it comes from
+
+
+def make_checkpoint(model: str, directory: Path) -> str:
+    """An untrained checkpoint of a recipe's model: serving cost does not depend on the weights."""
+    from distdl.data.sources import SHAPE_CLASSES
+    from distdl.models import build_model
+    from distdl.train import checkpoint
+
+    cfg = resolve(recipes.get(MODELS[model]), None, [])
+    channels, side = (1, 8) if cfg.data.source == "digits" else (3, cfg.data.image_size or 32)
+    classes = [str(d) for d in range(10)] if cfg.data.source == "digits" else list(SHAPE_CLASSES)
+    net = build_model(cfg.model, num_classes=len(classes), in_channels=channels, image_size=side)
+    meta = checkpoint.make_meta(model=cfg.model, classes=classes,
+                                input_shape=(channels, side, side),
+                                normalization={"mean": [0.5] * channels, "std": [0.25] * channels},
+                                data=cfg.data)
+    return str(checkpoint.save(directory / model, net, meta))
+
+
+def _pngs(input_shape: list[int], count: int = 64, seed: int = 0) -> list[bytes]:
+    channels, height, width = input_shape
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def _closed_loop(url: str, bodies: list[bytes], *, clients: int, seconds: float,
+                       max_requests: int) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+    headers = {"Content-Type": "image/png"}
+    timeout = aiohttp.ClientTimeout(total=30)
+
+    async def client(session, k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.monotonic() < deadline and len(latencies) + errors < max_requests:
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+            i += clients
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.monotonic()
+        await asyncio.gather(*(client(session, k) for k in range(clients)))
+        elapsed = time.monotonic() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"requests_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "requests": len(latencies), "errors": errors}
+
+
+def measure(url: str, bodies: list[bytes], *, clients: int, seconds: float) -> dict[str, Any]:
+    """Warm up, then the closed loop at `clients`, then one client alone for the latency."""
+    asyncio.run(_closed_loop(url, bodies, clients=clients, seconds=2, max_requests=10_000))
+    loaded = asyncio.run(_closed_loop(url, bodies, clients=clients, seconds=seconds,
+                                      max_requests=200_000))
+    alone = asyncio.run(_closed_loop(url, bodies, clients=1, seconds=seconds / 2,
+                                     max_requests=20_000))
+    return {**loaded, "one_client_p50_ms": alone["p50_ms"]}
+
+
+def _serve_variants(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float,
+                    threads: int, max_batch_size: int, batch_wait_ms: float,
+                    port: int) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from distdl.inference import deploy
+
+    deploy.enable_direct_ingress()
+    runtime.connect(None, num_cpus=os.cpu_count())
+    options = deploy.ServeOptions(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                                  threads=threads, max_ongoing_requests=max(64, 2 * max_batch_size),
+                                  port=port)
+    proxy = f"http://127.0.0.1:{port}/bench/predict"
+    results = {}
+    try:
+        for name, batch in (("batched", max_batch_size), ("unbatched", 1)):
+            # Only user_config differs: the second run reconfigures the same replica in place.
+            config = deploy.serve_config([("bench", ckpt)], replace(options, max_batch_size=batch))
+            deploy.deploy(config)
+            direct = deploy.replica_urls("bench")[0] + "/predict"
+            results[f"serve_{name}"] = measure(proxy, bodies, clients=clients, seconds=seconds)
+            results[f"serve_{name}_direct"] = measure(direct, bodies, clients=clients,
+                                                      seconds=seconds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()  # the bare server gets the machine to itself
+    return results
+
+
+def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threads: int,
+          port: int) -> dict[str, Any]:
+    import requests
+
+    server = subprocess.Popen([sys.executable, "-m", "distdl.bench.bare_server", ckpt, str(port),
+                               str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise UserError(f"the bare server did not start: "
+                                f"{server.stderr.read().decode()[-500:] if server.stderr else ''}")
+            time.sleep(0.3)
+        return measure(f"http://127.0.0.1:{port}/predict", bodies, clients=clients,
+                       seconds=seconds)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
+        max_batch_size: int, batch_wait_ms: float, threads: int | None,
+        port: int) -> dict[str, Any]:
+    from distdl.train.checkpoint import load_meta
+
+    if model not in MODELS:
+        raise UserError(f"unknown benchmark model {model!r}; choose one of: {', '.join(MODELS)}")
+    if clients < 1 or seconds <= 0:
+        raise UserError("--clients must be at least 1 and --seconds above 0")
+    threads = threads or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as scratch:
+        ckpt = checkpoint or make_checkpoint(model, Path(scratch))
+        bodies = _pngs(load_meta(ckpt)["input_shape"])
+        report = _serve_variants(ckpt, bodies, clients=clients, seconds=seconds,
+                                 threads=threads, max_batch_size=max_batch_size,
+                                 batch_wait_ms=batch_wait_ms, port=port)
+        report["bare_fastapi"] = _bare(ckpt, bodies, clients=clients, seconds=seconds,
+                                       threads=threads, port=port + 1)
+    rate = {key: value["requests_per_s"] for key, value in report.items()}
+    one_client = {key: value["one_client_p50_ms"] for key, value in report.items()}
+    report.update({
+        "model": checkpoint or model, "clients": clients, "seconds": seconds,
+        "threads": threads, "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms,
+        "ratio_vs_unbatched": round(rate["serve_batched"] / rate["serve_unbatched"], 3),
+        "ratio_vs_bare": round(rate["serve_batched"] / rate["bare_fastapi"], 3),
+        "direct_ratio_vs_unbatched": round(rate["serve_batched_direct"]
+                                           / rate["serve_unbatched_direct"], 3),
+        "direct_ratio_vs_bare": round(rate["serve_batched_direct"] / rate["bare_fastapi"], 3),
+        "overhead_ms_vs_bare": round(one_client["serve_unbatched"]
+                                     - one_client["bare_fastapi"], 2),
+        "direct_overhead_ms_vs_bare": round(one_client["serve_unbatched_direct"]
+                                            - one_client["bare_fastapi"], 2),
+        "provenance": provenance.collect(),
+    })
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"serving benchmark: {report['model']}, {report['clients']} clients, "
+             f"{report['seconds']:g} s each, {report['threads']} torch threads"]
+    for key in VARIANTS:
+        r = report[key]
+        lines.append(f"  {key:<23} {r['requests_per_s']:>8.1f} req/s   p50 {r['p50_ms']:>7.1f} ms"
+                     f"   p99 {r['p99_ms']:>7.1f} ms   1 client p50 {r['one_client_p50_ms']:.1f} ms"
+                     f"   errors {r['errors']}")
+    for path, prefix in (("through the proxy", ""), ("direct to the replica", "direct_")):
+        lines.append(f"  {path}: batched vs unbatched {report[prefix + 'ratio_vs_unbatched']:.2f}x"
+                     f", batched vs bare FastAPI {report[prefix + 'ratio_vs_bare']:.2f}x, "
+                     f"overhead per request vs bare "
+                     f"{report[prefix + 'overhead_ms_vs_bare']:+.1f} ms")
+    return "\n".join(lines)
