@@ -315,14 +315,21 @@ def test_serve_build_writes_a_config_that_validates_and_deploys(ray_address, ser
     assert reply.status_code == 200 and reply.json()["checkpoint"] == checkpoints[0]
 
 
-def test_serve_refuses_a_missing_or_corrupt_checkpoint(tmp_path):
-    missing = run_cli("serve", str(tmp_path / "nothing"))
+def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text("{not json")
-    corrupt = run_cli("serve", str(tmp_path / "bad"))
-    for done in (missing, corrupt):
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.startswith("error: ") and "checkpoint" in done.stderr
+    cases = {
+        "does not exist": ("serve", str(tmp_path / "nothing")),
+        "corrupt checkpoint metadata": ("serve", str(tmp_path / "bad")),
+        "--detach needs a running cluster": ("serve", checkpoints[0], "--detach"),
+        "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
+        "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
+        "must be at least 1": ("serve", checkpoints[0], "--max-batch-size", "0"),
+    }
+    for words, args in cases.items():
+        done = run_cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
 
 
