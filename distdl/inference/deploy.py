@@ -8,17 +8,14 @@ through Serve's declarative path too, so `serve update` changes only a deploymen
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distdl.errors import UserError, failure_line
+from distdl.errors import UserError, error_line, failure_line
 from distdl.inference.inputs import Limits
-
-log = logging.getLogger(__name__)
 
 API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
 PREFIXES = {"image_classification": "vision"}  # a checkpoint's task -> where it mounts
@@ -82,9 +79,11 @@ def application(name: str, checkpoint: str, options: ServeOptions,
         "health_check_period_s": 5,
     }
     if options.replicas is None:
+        # Serve's defaults wait 30 s before adding a replica; a burst of requests is over by then.
         deployment["autoscaling_config"] = {
             "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests,
+            "upscale_delay_s": 5.0, "look_back_period_s": 15.0, "downscale_delay_s": 120.0,
         }
     else:
         deployment["num_replicas"] = options.replicas
@@ -137,9 +136,13 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
     from ray.serve._private.api import serve_start
 
     validate(config)
-    client = serve_start(http_options=config["http_options"],
-                         proxy_location=config.get("proxy_location"))
-    _check_port(client, config["http_options"])
+    http = config["http_options"]
+    try:
+        client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
+    except Exception as exc:  # Ray wraps the proxy's failure (a port in use) in several types
+        raise UserError(f"Serve cannot start on {http['host']}:{http['port']}: "
+                        f"{failure_line(exc)} (is the port in use? choose another --port)") from None
+    _check_port(client, http)
     ours = {app["name"] for app in config["applications"]}
     kept = [app for app in _deployed_apps(client) if app["name"] not in ours]
     merged = {**config, "applications": kept + config["applications"]}
@@ -176,10 +179,9 @@ def wait_running(names: list[str], *, timeout_s: float) -> None:
 
 
 def _message(text: str) -> str:
-    class _Failure(Exception):
-        pass
-
-    return failure_line(_Failure(text or "no message"))
+    """The error line of Serve's (often multi-line, traceback-bearing) deployment message."""
+    lines = text.strip().splitlines()
+    return error_line(text) or (lines[0] if lines else "no message")
 
 
 def _deployed_apps(client) -> list[dict[str, Any]]:

@@ -181,18 +181,22 @@ class VisionService:
         self.predict_batch.set_batch_wait_timeout_s(self._batching["batch_wait_ms"] / 1000)
 
     def check_health(self) -> None:
-        if self._predictor is None:
-            raise RuntimeError("no model loaded")
+        """Serve calls this every few seconds; a replica whose model no longer runs (a lost GPU)
+        raises here, and Serve replaces it."""
+        channels, height, width = self._predictor.input_shape
+        self._predictor.predict(np.zeros((1, height, width, channels), np.uint8))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, str, int]]:
+    async def predict_batch(self, requests: list[np.ndarray]) -> list[dict[str, Any]]:
         """Requests that arrive together run as one forward pass, off the event loop."""
         predictor, version = self._predictor, self._version
         images = np.concatenate(requests)
         probs = await asyncio.to_thread(predictor.predict, images)
         self._batch_sizes.observe(len(images))
         bounds = np.cumsum([0] + [len(r) for r in requests])
-        return [(probs[a:b], version, len(images)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [{"model_version": version, "batch_size": len(images),
+                 "predictions": inputs.top_k(probs[a:b], predictor.classes, self._top_k)}
+                for a, b in zip(bounds[:-1], bounds[1:])]
 
     @api.post("/predict", response_model=PredictResponse,
               responses={400: {}, 401: {}, 413: {}, 415: {}, 503: {}})
@@ -204,10 +208,9 @@ class VisionService:
         except BadInput as exc:
             self._requests.inc(tags={"status": str(exc.status)})
             raise
-        probs, version, batch_size = await self.predict_batch(images)
+        answer = await self.predict_batch(images)
         self._requests.inc(tags={"status": "200"})
-        return {"model_version": version, "batch_size": batch_size,
-                "predictions": inputs.top_k(probs, self._predictor.classes, self._top_k)}
+        return answer
 
     @api.get("/model", response_model=ModelInfo)
     async def model(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -286,15 +287,16 @@ def test_overload_gets_503_with_retry_after_quickly(ray_address, served, slow_ch
     assert max(seconds for _, seconds, _ in rejected) < max(seconds for _, seconds, _ in ok)
 
 
-def test_serve_build_writes_a_config_that_validates_and_deploys(ray_address, served, checkpoints,
-                                                                  tmp_path):
+def test_serve_build_writes_a_config_that_validates_and_deploys_and_autoscales(
+        ray_address, served, checkpoints, validation, tmp_path):
     """Last in the module: `serve deploy` replaces every application with the file's."""
     import ray
     from ray.serve.schema import ServeDeploySchema
 
     out = tmp_path / "serve.yaml"
     done = run_cli("serve", "build", f"built={checkpoints[0]}", "--port", str(PORT),
-                   "--min-replicas", "1", "--max-replicas", "2", "-o", str(out))
+                   "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
+                   "-o", str(out))
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(out.read_text())
     schema = ServeDeploySchema.model_validate(config)
@@ -313,6 +315,33 @@ def test_serve_build_writes_a_config_that_validates_and_deploys(ray_address, ser
             break
         time.sleep(1)
     assert reply.status_code == 200 and reply.json()["checkpoint"] == checkpoints[0]
+    assert _replicas_under_load("built", images=validation[0], want=2) == 2
+
+
+def _replicas_under_load(app: str, *, images: np.ndarray, want: int) -> int:
+    """Load the application with 16 clients until it runs `want` replicas (60 s at most)."""
+    from ray import serve
+
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        while not stop.is_set():
+            _post_png(f"/{app}/predict", images[k])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for thread in threads:
+        thread.start()
+    running, deadline = 0, time.monotonic() + 60
+    try:
+        while running < want and time.monotonic() < deadline:
+            time.sleep(1)
+            states = serve.status().applications[app].deployments["VisionService"].replica_states
+            running = states.get("RUNNING", 0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return running
 
 
 def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_path):
@@ -349,3 +378,14 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
+
+
+def test_a_port_in_use_is_one_line(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", checkpoints[0], "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"error: Serve cannot start on 127.0.0.1:{port}")
+    assert "Traceback" not in done.stderr
