@@ -78,7 +78,8 @@ def checkpoints(digits_run):
 @pytest.fixture(scope="module")
 def served(ray_address, checkpoints):
     """`distdl serve` in the foreground, as a user runs it; Ctrl-C (SIGINT) at the end."""
-    process = popen_cli("serve", f"vision={checkpoints[0]}", "--port", str(PORT),
+    process = popen_cli("serve", f"vision={checkpoints[0]}", f"second={checkpoints[1]}",
+                        "--port", str(PORT),
                         "--max-batch-size", "16", "--batch-wait-ms", "20", *LIMITS,
                         address=ray_address)
     _wait_for_line(process, "Ctrl-C stops")
@@ -147,6 +148,9 @@ def test_every_way_to_send_images_and_the_metadata(served, validation):
     info = requests.get(f"{BASE}/vision/model", timeout=10).json()
     assert info["classes"] == [str(d) for d in range(10)] and info["input_shape"] == [1, 8, 8]
     assert info["model_version"] == multipart.json()["model_version"]
+    second = requests.get(f"{BASE}/second/model", timeout=10).json()  # mounted beside /vision
+    assert second["checkpoint"] != info["checkpoint"]
+    assert second["model_version"] != info["model_version"]
     health = requests.get(f"{BASE}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["applications"]["vision"] == "RUNNING"
     assert "/predict" in requests.get(f"{BASE}/vision/openapi.json", timeout=10).json()["paths"]
