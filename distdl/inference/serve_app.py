@@ -9,8 +9,8 @@ against 108.
 Config that can change without a restart (the checkpoint, the batch size and wait) is the
 deployment's `user_config`, applied by `reconfigure`: `distdl serve update` swaps models in place.
 Nothing here runs at import time beyond defining the app; the model loads in the replica.
+(No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time.)
 """
-
 
 import asyncio
 import hashlib
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -67,27 +67,30 @@ class ModelInfo(BaseModel):
     batch_wait_ms: float
 
 
+async def require_api_key(request: Request) -> None:
+    """With DISTDL_API_KEY set, every route needs it (Authorization: Bearer, or X-API-Key).
+
+    A dependency of the app's routes (async: a plain function would run in a thread pool);
+    the OpenAPI docs stay readable without the key.
+    """
+    expected = os.environ.get(API_KEY_ENV)
+    if not expected:
+        return
+    given = request.headers.get("x-api-key") or ""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        given = token.strip()
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                                 "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+
+
 api = FastAPI(
     title="distdl vision",
     description="Image classification with a model trained by `distdl train`.",
     version="1",
+    dependencies=[Depends(require_api_key)],
 )
-
-
-@api.middleware("http")
-async def require_api_key(request: Request, call_next):
-    """With DISTDL_API_KEY set, every request must carry it (Authorization: Bearer, or X-API-Key)."""
-    expected = os.environ.get(API_KEY_ENV)
-    if expected:
-        given = request.headers.get("x-api-key") or ""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return JSONResponse({"error": "missing or wrong API key: send "
-                                          "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
 
 
 @api.exception_handler(BadInput)
