@@ -55,8 +55,8 @@ def mount(spec: str) -> tuple[str, str]:
         problem = "is not a directory" if directory.exists() else "does not exist"
         raise UserError(f"checkpoint {path} {problem}: give the checkpoint directory that "
                         "holds model.pt and meta.json")
-    checkpoint.load_model(directory)  # a corrupt checkpoint fails here, not in a replica
-    task = checkpoint.load_meta(directory).get("task", "image_classification")
+    _, meta = checkpoint.load_model(directory)  # a corrupt checkpoint fails here, not in a replica
+    task = meta.get("task", "image_classification")
     if task not in PREFIXES:
         raise UserError(f"checkpoint {path} is for task {task!r}; distdl serves "
                         f"{', '.join(PREFIXES)}")
@@ -141,7 +141,8 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
         client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
     except Exception as exc:  # Ray wraps the proxy's failure (a port in use) in several types
         raise UserError(f"Serve cannot start on {http['host']}:{http['port']}: "
-                        f"{failure_line(exc)} (is the port in use? choose another --port)") from None
+                        f"{failure_line(exc)} (is the port in use? choose another --port)"
+                        ) from None
     _check_port(client, http)
     ours = {app["name"] for app in config["applications"]}
     kept = [app for app in _deployed_apps(client) if app["name"] not in ours]

@@ -62,7 +62,8 @@ def count_instances(n: int, limits: Limits) -> None:
     if n == 0:
         raise BadInput("the request holds no images")
     if n > limits.max_instances:
-        raise BadInput(f"{n} images in one request; the limit is {limits.max_instances}", status=413)
+        raise BadInput(f"{n} images in one request; the limit is {limits.max_instances}",
+                       status=413)
 
 
 def from_json(payload: Any, *, input_shape: tuple[int, int, int], limits: Limits) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The Ray Serve application: a FastAPI ingress whose replicas batch images into the shared Predictor.
+"""The Ray Serve application: a FastAPI ingress whose replicas batch images into the Predictor.
 
 One deployment per model is both the HTTP ingress and the batched model; replicas scale out as
 a unit. A separate model deployment behind the ingress adds a replica hop of several ms of CPU

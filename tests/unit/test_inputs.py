@@ -93,5 +93,6 @@ def test_media_type_ignores_parameters_and_case():
 def test_top_k_orders_classes_by_probability():
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     first, second = inputs.top_k(probs, ["a", "b", "c"], k=9)
-    assert first["class_name"] == "b" and [s["class_name"] for s in first["top_k"]] == ["b", "c", "a"]
+    assert first["class_name"] == "b"
+    assert [s["class_name"] for s in first["top_k"]] == ["b", "c", "a"]
     assert second["class_index"] == 0 and second["top_k"][0]["probability"] == pytest.approx(0.5)
