@@ -135,7 +135,6 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
     """
     from ray.serve._private.api import serve_start
 
-    validate(config)
     http = config["http_options"]
     try:
         client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
