@@ -105,7 +105,10 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     start_epoch = _restore(raw, optimizer, scheduler, scaler)
     # Restore before wrapping: DDP broadcasts rank 0's weights to the other ranks at wrap time.
-    model = ray.train.torch.prepare_model(raw)
+    # Buffers (batch-norm statistics) are not broadcast before every forward pass: that is one
+    # more collective per step. `fit` averages them across ranks once per epoch instead.
+    model = ray.train.torch.prepare_model(
+        raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
     if cfg.train.compile:
         model = torch.compile(model)
     return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch)
@@ -145,12 +148,26 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
         train = loop.train_epoch(setup.model, batches, setup.optimizer, setup.scheduler,
                                  loss_fn, autocast_dtype=dtype, scaler=setup.scaler)
         train_s = time.time() - started
+        _average_buffers(setup.raw)
         val = loop.evaluate(setup.model, val_data.batches(1024, shuffle=False, seed=0,
                                                           drop_last=False), autocast_dtype=dtype)
         metrics = _epoch_metrics(epoch, started, train_s, train, val, setup.raw)
         metrics["lr"] = setup.scheduler.get_last_lr()[0]
         metrics["node"] = ray.get_runtime_context().get_node_id()
         _report(setup, spec, metrics, rank)
+
+
+def _average_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (batch-norm running statistics) across ranks, so
+    that every rank validates, and rank 0 checkpoints, statistics of all the epoch's data."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers or not dist.is_initialized():
+        return
+    flat = torch.cat([b.detach().flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for b, average in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(average.view_as(b))
 
 
 def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, model) -> dict:

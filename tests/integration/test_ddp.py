@@ -1,7 +1,9 @@
-"""DDP is real: two Ray Train workers end with identical weights, equal to one process's."""
+"""DDP is real: two Ray Train workers end with identical weights, equal to one process's.
+Batch-norm statistics, which distdl does not sync every step, are averaged across ranks."""
 
 import copy
 
+import pytest
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer, prepare_model
@@ -11,6 +13,7 @@ from distdl.config import ModelConfig, OptimConfig
 from distdl.models import build_model
 from distdl.train import loop
 from distdl.train.shard import InMemoryShard
+from distdl.train.worker import _average_buffers
 
 STEPS, LOCAL_BATCH, WORLD = 4, 16, 2
 OPTIM = OptimConfig(optimizer="sgd", lr=0.05, warmup_epochs=0, schedule="constant",
@@ -46,17 +49,39 @@ def _worker(config):
     scheduler = loop.make_scheduler(optimizer, OPTIM, epochs=1, steps_per_epoch=STEPS)
     loop.train_epoch(model, mine, optimizer, scheduler, nn.CrossEntropyLoss())
     torch.save(raw.state_dict(), f"{config['out']}/rank{rank}.pt")
+    torch.save(_batch_norm_statistics(rank), f"{config['out']}/bn{rank}.pt")
     ray.train.report({"done": 1})
 
 
-def test_two_ranks_agree_and_match_a_single_process(ray_address, tmp_path):
+def _batch_norm_statistics(rank):
+    """A batch-norm model's buffers after steps on this rank's own data, then averaged."""
+    torch.manual_seed(0)
+    raw = build_model(ModelConfig(width=8), num_classes=10, in_channels=1, image_size=8)
+    model = prepare_model(raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    optimizer = loop.make_optimizer(raw, OPTIM)
+    scheduler = loop.make_scheduler(optimizer, OPTIM, epochs=1, steps_per_epoch=2)
+    x, y = _data()
+    batches = [(x[:LOCAL_BATCH] + 3.0 * rank, y[:LOCAL_BATCH])] * 2  # the ranks' data differ
+    loop.train_epoch(model, batches, optimizer, scheduler, nn.CrossEntropyLoss())
+    local = {k: v.clone() for k, v in raw.named_buffers() if v.is_floating_point()}
+    _average_buffers(raw)
+    return {"local": local, "averaged": dict(raw.named_buffers())}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_address, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
     TorchTrainer(
         _worker,
-        train_loop_config={"out": str(tmp_path)},
+        train_loop_config={"out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "storage"), name="ddp"),
+        run_config=ray.train.RunConfig(storage_path=str(out / "storage"), name="ddp"),
     ).fit()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out
+
+
+def test_two_ranks_agree_and_match_a_single_process(ddp_run):
+    ranks = [torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     single = _new_model()
     initial = copy.deepcopy(single.state_dict())
@@ -68,3 +93,13 @@ def test_two_ranks_agree_and_match_a_single_process(ray_address, tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5)
         assert not torch.equal(value, initial[name]), f"{name} never changed"
+
+
+def test_batch_norm_statistics_are_averaged_across_ranks(ddp_run):
+    bn = [torch.load(ddp_run / f"bn{r}.pt", weights_only=True) for r in range(WORLD)]
+    mean = bn[0]["local"]["features.1.running_mean"]
+    assert not torch.allclose(mean, bn[1]["local"]["features.1.running_mean"])  # differed per rank
+    for name, value in bn[0]["local"].items():
+        expected = (value + bn[1]["local"][name]) / 2
+        torch.testing.assert_close(bn[0]["averaged"][name], expected)
+        assert torch.equal(bn[0]["averaged"][name], bn[1]["averaged"][name])
