@@ -86,7 +86,8 @@ def _steps_per_epoch(shard: Shard, spec: WorkerSpec, device: torch.device) -> in
     if dist.is_initialized():
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
     if int(steps) == 0:
-        raise ValueError("a worker's shard holds less than one batch; lower train.batch_size")
+        raise ValueError("a worker's shard holds less than one batch; lower train.batch_size "
+                         "or train.num_workers")
     return int(steps)
 
 

@@ -5,7 +5,7 @@ from torch import nn
 from distdl.config import ModelConfig, OptimConfig
 from distdl.models import build_model
 from distdl.train import loop
-from distdl.train.shard import InMemoryShard
+from distdl.train.shard import InMemoryShard, load_in_memory
 
 
 def _blobs(n=256, seed=0):
@@ -77,6 +77,21 @@ def test_in_memory_shard_batches_cover_each_example_once_per_epoch():
     assert len(kept) == 3 and all(len(y) == 3 for y in kept)
     again = torch.cat([y for _, y in shard.batches(3, shuffle=True, seed=1, drop_last=False)])
     assert torch.equal(seen, again)  # the shuffle is seeded
+
+
+class _NoRows:
+    """What a Ray Data split hands a worker that got no blocks: an iterator with no batches."""
+
+    def iter_batches(self, **kwargs):
+        return iter(())
+
+
+def test_an_empty_shard_validates_nothing_instead_of_failing():
+    shard = load_in_memory(_NoRows(), [0.5], [0.5], torch.device("cpu"), channels_last=False)
+    assert len(shard) == 0
+    model = build_model(ModelConfig(width=8), num_classes=2, in_channels=1, image_size=8)
+    sums = loop.evaluate(model, shard.batches(4, shuffle=False, seed=0, drop_last=False))
+    assert (sums.loss, sums.correct, sums.count) == (0.0, 0, 0)
 
 
 def test_a_resumed_schedule_follows_the_longer_run():
