@@ -208,13 +208,14 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    from distdl import runtime
     from distdl.progress import EpochPrinter
-
-    cfg = _config(args)
-    _connect_for_training(args.address, cfg, "distdl.train.trainer")
     from distdl.train import trainer
 
+    cfg = _config(args)
     run_dir = Path(args.output) if args.output else trainer.default_run_dir(args.storage, cfg.name)
+    runtime.connect(args.address, num_cpus=runtime.local_cpus(
+        cfg.train.num_workers * cfg.train.cpus_per_worker))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
     try:
@@ -228,14 +229,6 @@ def cmd_train(args) -> int:
     print(f"best checkpoint: {result['best_checkpoint']}")
     print(f"run directory:   {run_dir}")
     return 0
-
-
-def _connect_for_training(address: str | None, cfg, module: str) -> None:
-    """Connect to (or start) Ray with room for the workers; `module` loads meanwhile."""
-    from distdl import runtime
-
-    runtime.connect(address, num_cpus=runtime.local_cpus(
-        cfg.train.num_workers * cfg.train.cpus_per_worker), preload=[module])
 
 
 def cmd_tune(args) -> int:
@@ -277,16 +270,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.bench == "train":
-        cfg = _config(args)
-        _connect_for_training(None, cfg, "distdl.bench.train")  # as `distdl train` starts
-        from distdl.bench import train as bench_train
+    from distdl.bench import serve as bench_serve
+    from distdl.bench import train as bench_train
 
-        report = bench_train.run(cfg, command_started=STARTED)
+    if args.bench == "train":
+        report = bench_train.run(_config(args), command_started=STARTED)
         print(bench_train.format_report(report))
     else:
-        from distdl.bench import serve as bench_serve
-
         report = bench_serve.run(model=args.model, checkpoint=args.checkpoint,
                                  clients=args.clients, seconds=args.seconds,
                                  max_batch_size=args.max_batch_size,

@@ -8,52 +8,25 @@ reach it as exceptions. The checks here turn "this will wait forever" situations
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+
+import torch
 
 from distdl.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
-            dashboard: bool = False, preload: Sequence[str] = ()) -> str:
+            dashboard: bool = False) -> str:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), else start a local one on loopback.
 
     `dashboard` starts a local Ray with its dashboard (on 127.0.0.1), which serves the state API.
     It costs about 5 s, so only searches ask for it: Ray Train frees the workers of a trial that
     Tune stops through that API, and without it a stopped trial would keep its CPUs.
-    `preload` names modules the caller needs next (torch, Ray Train): they are imported on a
-    thread while Ray starts, which mostly waits for the processes it launched.
     Returns the address other processes can use to join the same Ray instance.
     """
-    import ray  # noqa: F401  (first, so the thread below does not import Ray's core alongside)
-
-    importing = threading.Thread(target=_import_quietly, args=(preload,), daemon=True)
-    importing.start()
-    gcs_address = _connect(address, num_cpus=num_cpus, dashboard=dashboard)
-    importing.join()
-    for module in preload:
-        importlib.import_module(module)  # done already, or raises the error the thread hit
-    return gcs_address
-
-
-def _import_quietly(modules: Sequence[str]) -> None:
-    try:
-        for module in modules:
-            importlib.import_module(module)
-    except Exception:
-        pass  # connect() imports the module again on the main thread, which reports the error
-
-
-def _connect(address: str | None, *, num_cpus: int | None, dashboard: bool) -> str:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -135,15 +108,11 @@ def _fmt(resources: dict[str, float]) -> str:
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for `device`: bf16 where supported, fp16 otherwise, None on CPU."""
-    import torch
-
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +58,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     device = ray.train.torch.get_device()
     channels_last = cfg.train.channels_last and device.type == "cuda"
-    # The first optimizer imports torch._dynamo, about a second of CPU: importing it now, in the
-    # background, overlaps it with the wait for this worker's dataset shards.
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     # Asking for both shards before reading either lets Ray start their split coordinators at once.
     iterators = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     train_data = _shard(iterators["train"], spec, device, channels_last)
