@@ -140,9 +140,9 @@ def _model_thread(threads: int | None) -> ThreadPoolExecutor:
     on a thread when no other thread had used torch, and 15 to 20 ms once another had.
     """
 
-    def start() -> None:
-        import torch
+    import torch  # here, not first on the new thread: one thread imports torch at a time
 
+    def start() -> None:
         if threads:
             torch.set_num_threads(threads)
 
