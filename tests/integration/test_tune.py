@@ -78,24 +78,40 @@ def test_best_checkpoint_evaluates_to_the_reported_accuracy(lr_search, ray_addre
     assert evaluation["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
 
 
+def _finished_in_saved_state(experiment: Path) -> set[str]:
+    """Trials that Tune's saved experiment state records as finished."""
+    finished = set()
+    for path in experiment.glob("experiment_state-*.json"):
+        try:
+            trials = [json.loads(state) for state, _ in json.loads(path.read_text())["trial_data"]]
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+        finished |= {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+    return finished
+
+
 @pytest.mark.slow
 def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, tmp_path):
     args = ("tune", *TINY, "--name", "resume", "--storage", str(tmp_path),
             "--set", "tune.scheduler=fifo",
             "--set", "tune.space={optim.lr: {grid: [1.0e-2, 3.0e-3, 1.0e-3]}}")
+    experiment = tmp_path / "resume"
     process = popen_cli(*args, address=ray_address, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for line in process.stdout:
             if " done after epoch " in line:
                 break
-        time.sleep(3)  # Tune saves the experiment's state every second
+        # A trial's last epoch comes before its trainer shuts down and Tune records it as
+        # finished; kill once the saved state (what a resume reads) says so, within a minute.
+        deadline = time.monotonic() + 60
+        while not _finished_in_saved_state(experiment) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         process.kill()  # SIGKILL: no chance to clean up
-        before = process.stdout.read()
+        process.stdout.read()
         process.wait()
-    finished = set(re.findall(r"(\S+)  done after epoch", line + before))
+    finished = _finished_in_saved_state(experiment)
     assert finished
-    experiment = tmp_path / "resume"
     records = {t: (experiment / t / "result.json").read_bytes() for t in finished}
 
     done = run_cli(*args, "--resume", address=ray_address, timeout=600)
