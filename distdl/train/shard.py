@@ -31,6 +31,17 @@ class InMemoryShard:
         self.images = images
         self.labels = labels
 
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels: np.ndarray, mean, std,
+                    device: torch.device, channels_last: bool) -> InMemoryShard:
+        """uint8 images (N, H, W, C) and integer labels -> normalized tensors on `device`."""
+        x = normalize(to_float_chw(torch.from_numpy(images)), mean, std)
+        # One layout for the whole run: DDP's gradient buckets expect the layout of the first step.
+        x = x.contiguous(memory_format=torch.channels_last if channels_last
+                         else torch.contiguous_format)
+        y = torch.from_numpy(labels.astype(np.int64))
+        return cls(x.to(device), y.to(device))
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -82,8 +93,5 @@ def load_in_memory(
         # that is fine (they add nothing to the sums); for training the ranks' step counts,
         # agreed in worker.py, come out as zero and stop the run with its own error.
         return InMemoryShard(torch.empty(0), torch.empty(0, dtype=torch.int64))
-    x = normalize(to_float_chw(torch.from_numpy(np.concatenate(images))), mean, std)
-    # One layout for the whole run: DDP's gradient buckets expect the layout of the first step.
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    y = torch.from_numpy(np.concatenate(labels).astype(np.int64))
-    return InMemoryShard(x.to(device), y.to(device))
+    return InMemoryShard.from_arrays(np.concatenate(images), np.concatenate(labels), mean, std,
+                                     device, channels_last)
