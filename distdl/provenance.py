@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -13,20 +14,27 @@ import distdl
 
 
 def collect() -> dict[str, Any]:
-    import ray
     import torch
 
     return {
         "distdl": distdl.__version__,
         "git_revision": git_revision(),
-        "ray": ray.__version__,
+        "ray": _installed_version("ray"),  # not imported: the Ray-free benchmarks run without it
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cuda_devices": torch.cuda.device_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def git_revision() -> str:
