@@ -36,6 +36,21 @@ def _ray_args(parser: argparse.ArgumentParser) -> None:
                                           "Ray on 127.0.0.1)")
 
 
+def _bench_step_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="resnet18", help="any model name (default resnet18)")
+    parser.add_argument("--width", type=int, default=64, help="first convolution's channels (64)")
+    parser.add_argument("--image-size", type=int, default=32, help="square side (default 32)")
+    parser.add_argument("--batch-size", type=int, default=512, help="training batch (default 512)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per turn (40)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed turns of each side (3)")
+    parser.add_argument("--no-amp", dest="amp", action="store_false",
+                        help="GPU: train and predict in float32")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="GPU: keep the default memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both training models")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distdl", description="Distributed deep learning on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train = bench_sub.add_parser("train", help="distdl training loop vs a bare PyTorch loop")
     _config_args(bench_train)
     bench_train.add_argument("--json", help="also write the report to this JSON file")
+    _bench_step_args(bench_sub.add_parser(
+        "step", help="one worker's training step and the Predictor vs bare PyTorch, no Ray"))
     bench_serve = bench_sub.add_parser("serve", help="Serve batched and unbatched vs bare FastAPI")
     bench_serve.add_argument("--model", default="digits", choices=["digits", "resnet18"],
                              help="digits (small_cnn, 8x8) or resnet18 (shapes, 32x32)")
@@ -270,13 +287,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from distdl.bench import serve as bench_serve
-    from distdl.bench import train as bench_train
-
     if args.bench == "train":
+        from distdl.bench import train as bench_train
+
         report = bench_train.run(_config(args), command_started=STARTED)
         print(bench_train.format_report(report))
+    elif args.bench == "step":
+        from distdl.bench import step as bench_step
+
+        report = bench_step.run(_step_settings(args))
+        print(bench_step.format_report(report))
     else:
+        from distdl.bench import serve as bench_serve
+
         report = bench_serve.run(model=args.model, checkpoint=args.checkpoint,
                                  clients=args.clients, seconds=args.seconds,
                                  max_batch_size=args.max_batch_size,
@@ -287,6 +310,21 @@ def cmd_bench(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _step_settings(args):
+    from distdl.bench.step import StepSettings
+    from distdl.models import model_names
+
+    if args.model not in model_names():
+        raise UserError(f"unknown model {args.model!r}; choose small_cnn, resnet18 or "
+                        "torchvision:NAME (e.g. torchvision:mobilenet_v3_small)")
+    for name in ("width", "image_size", "batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return StepSettings(model=args.model, width=args.width, image_size=args.image_size, batch_size=args.batch_size,
+                        steps=args.steps, amp=args.amp, channels_last=args.channels_last,
+                        compile=args.compile, rounds=args.rounds)
 
 
 def cmd_cluster(args) -> int:

@@ -1,0 +1,34 @@
+"""`distdl bench step` on CPU with a tiny model: the report holds both sides and their ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distdl.bench.step import StepSettings, format_report, run
+from tests.integration.cli import run_cli
+
+
+def test_step_benchmark_reports_both_sides_and_their_ratio():
+    report = run(StepSettings(model="small_cnn", width=8, image_size=8, batch_size=32, steps=3,
+                              rounds=1))
+    assert report["device"] == "cpu"
+    for key in ("train", "predict_batch_1", "predict_batch_32"):
+        r = report[key]
+        assert r["distdl_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0
+        assert r["ratio_vs_bare"] == pytest.approx(
+            r["distdl_samples_per_s"] / r["bare_samples_per_s"], abs=2e-3)
+    assert "ratio" in format_report(report)
+    json.dumps(report)  # the CLI prints it as one JSON line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--model", "nope"], "unknown model 'nope'"),
+])
+def test_step_benchmark_bad_input_is_one_line(args, message):
+    done = run_cli("bench", "step", *args, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error: ") and message in lines[0]
