@@ -108,6 +108,8 @@ class TrainConfig:
     """GPU only: channels-last memory format for convolutions."""
     compile: bool = False
     """torch.compile the model (slow to start; pays off for long GPU runs)."""
+    shm_allreduce: bool = True
+    """CPU only: ranks on one node average gradients through shared memory instead of gloo."""
     keep_checkpoints: int = 2
     """Best checkpoints kept by validation accuracy (the latest is always kept too, to resume)."""
     max_failures: int = 2

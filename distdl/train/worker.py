@@ -19,7 +19,7 @@ from torch import nn
 from distdl import runtime
 from distdl.config import Config
 from distdl.models import build_model
-from distdl.train import checkpoint, loop
+from distdl.train import checkpoint, loop, shm_allreduce
 from distdl.train.shard import InMemoryShard, Shard, StreamingShard, load_in_memory
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,18 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
     # more collective per step. `fit` averages them across ranks once per epoch instead.
     model = ray.train.torch.prepare_model(
         raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    if _one_cpu_node(device) and cfg.train.shm_allreduce:
+        shm_allreduce.attach(model)
     if cfg.train.compile:
         model = torch.compile(model)
     return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch)
+
+
+def _one_cpu_node(device: torch.device) -> bool:
+    """Several CPU ranks, all on one node: the same answer on every rank."""
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    return device.type == "cpu" and world > 1 and context.get_local_world_size() == world
 
 
 def _restore(raw, optimizer, scheduler, scaler) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from distdl.config import ModelConfig, OptimConfig
 from distdl.models import build_model
-from distdl.train import loop
+from distdl.train import loop, shm_allreduce
 from distdl.train.shard import InMemoryShard
 from distdl.train.worker import _average_buffers
 
@@ -40,17 +40,24 @@ def _global_batches(x, y):
 
 def _worker(config):
     rank = ray.train.get_context().get_world_rank()
+    torch.save(_train_rank(rank, shared_memory=False), f"{config['out']}/gloo{rank}.pt")
+    torch.save(_train_rank(rank, shared_memory=True), f"{config['out']}/shm{rank}.pt")
+    torch.save(_batch_norm_statistics(rank), f"{config['out']}/bn{rank}.pt")
+    ray.train.report({"done": 1})
+
+
+def _train_rank(rank, *, shared_memory):
+    """This rank's half of every global batch, its gradients averaged by gloo or shared memory."""
     x, y = _data()
     mine = [(bx[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH], by[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH])
             for bx, by in _global_batches(x, y)]
     raw = _new_model()
     model = prepare_model(raw)
+    attached = shm_allreduce.attach(model) if shared_memory else False
     optimizer = loop.make_optimizer(raw, OPTIM)
     scheduler = loop.make_scheduler(optimizer, OPTIM, epochs=1, steps_per_epoch=STEPS)
     loop.train_epoch(model, mine, optimizer, scheduler, nn.CrossEntropyLoss())
-    torch.save(raw.state_dict(), f"{config['out']}/rank{rank}.pt")
-    torch.save(_batch_norm_statistics(rank), f"{config['out']}/bn{rank}.pt")
-    ray.train.report({"done": 1})
+    return {"state": raw.state_dict(), "shared_memory": attached}
 
 
 def _batch_norm_statistics(rank):
@@ -80,8 +87,12 @@ def ddp_run(ray_address, tmp_path_factory):
     return out
 
 
-def test_two_ranks_agree_and_match_a_single_process(ddp_run):
-    ranks = [torch.load(ddp_run / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+@pytest.mark.parametrize("averaging", ["gloo", "shm"])
+def test_two_ranks_agree_and_match_a_single_process(ddp_run, averaging):
+    saved = [torch.load(ddp_run / f"{averaging}{r}.pt", weights_only=True) for r in range(WORLD)]
+    if averaging == "shm" and shm_allreduce.supported():
+        assert all(s["shared_memory"] for s in saved)
+    ranks = [s["state"] for s in saved]
 
     single = _new_model()
     initial = copy.deepcopy(single.state_dict())
