@@ -289,8 +289,13 @@ def cmd_evaluate(args) -> int:
 def cmd_bench(args) -> int:
     if args.bench == "train":
         from distdl.bench import train as bench_train
+        from distdl.train.trainer import TrainingFailed
 
-        report = bench_train.run(_config(args), command_started=STARTED)
+        try:
+            report = bench_train.run(_config(args), command_started=STARTED)
+        except TrainingFailed as exc:
+            print(f"error: training failed: {exc}", file=sys.stderr)
+            return 1
         print(bench_train.format_report(report))
     elif args.bench == "step":
         from distdl.bench import step as bench_step
