@@ -18,6 +18,10 @@ from distdl.errors import UserError, error_line, failure_line
 from distdl.inference.inputs import Limits
 
 API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
+# A replica's forward pass shares the cores with its own request handling. OpenMP's default
+# has idle intra-op threads spin for a while after each parallel region, taking CPU that the
+# request path needs; passive threads sleep at once.
+REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 PREFIXES = {"image_classification": "vision"}  # a checkpoint's task -> where it mounts
 HEALTH_APP = "healthz"
 DEPLOYMENT = "VisionService"
@@ -95,8 +99,10 @@ def application(name: str, checkpoint: str, options: ServeOptions,
                  "top_k": options.top_k, "threads": options.threads},
         "deployments": [deployment],
     }
+    env = dict(REPLICA_ENV)
     if api_key:
-        app["runtime_env"] = {"env_vars": {API_KEY_ENV: api_key}}
+        env[API_KEY_ENV] = api_key
+    app["runtime_env"] = {"env_vars": env}
     return app
 
 
