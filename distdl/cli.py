@@ -327,9 +327,9 @@ def _step_settings(args):
     for name in ("width", "image_size", "batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    return StepSettings(model=args.model, width=args.width, image_size=args.image_size, batch_size=args.batch_size,
-                        steps=args.steps, amp=args.amp, channels_last=args.channels_last,
-                        compile=args.compile, rounds=args.rounds)
+    return StepSettings(model=args.model, width=args.width, image_size=args.image_size,
+                        batch_size=args.batch_size, steps=args.steps, amp=args.amp,
+                        channels_last=args.channels_last, compile=args.compile, rounds=args.rounds)
 
 
 def cmd_cluster(args) -> int:

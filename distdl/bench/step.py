@@ -77,12 +77,11 @@ def run(s: StepSettings) -> dict[str, Any]:
     images = rng.integers(0, 256, (s.batch_size * s.steps, s.image_size, s.image_size, 3),
                           dtype=np.uint8)
     labels = rng.integers(0, _CLASSES, len(images))
-    report: dict[str, Any] = {
-        "device": str(dev.device), "autocast": str(dev.dtype), "memory_format": str(dev.memory_format),
-        "settings": asdict(s),
-        "train": _compare(_distdl_train(s, dev, images, labels), _bare_train(s, dev, images, labels),
-                          s.rounds, dev),
-    }
+    train = _compare(_distdl_train(s, dev, images, labels), _bare_train(s, dev, images, labels),
+                     s.rounds, dev)
+    report: dict[str, Any] = {"device": str(dev.device), "autocast": str(dev.dtype),
+                              "memory_format": str(dev.memory_format), "settings": asdict(s),
+                              "train": train}
     with tempfile.TemporaryDirectory() as directory:
         _save_checkpoint(s, directory)
         for batch in _PREDICT_BATCHES:
@@ -107,7 +106,8 @@ def _compare(distdl_side: Callable[[int], int], bare_side: Callable[[int], int],
             if turn > 0:  # the first turn compiles, warms caches and allocators
                 rates[name].append(samples / (time.perf_counter() - started))
     distdl_rate, bare_rate = (statistics.median(rates[k]) for k in ("distdl", "bare"))
-    return {"distdl_samples_per_s": round(distdl_rate, 1), "bare_samples_per_s": round(bare_rate, 1),
+    return {"distdl_samples_per_s": round(distdl_rate, 1),
+            "bare_samples_per_s": round(bare_rate, 1),
             "ratio_vs_bare": round(distdl_rate / bare_rate, 3)}
 
 
@@ -178,7 +178,8 @@ def _bare_preprocess(images: torch.Tensor, dev: _Device) -> torch.Tensor:
 def _save_checkpoint(s: StepSettings, directory: str) -> None:
     model = build_model(_model_config(s), num_classes=_CLASSES, in_channels=3,
                         image_size=s.image_size)
-    meta = checkpoint.make_meta(model=_model_config(s), input_shape=(3, s.image_size, s.image_size),
+    meta = checkpoint.make_meta(model=_model_config(s),
+                                input_shape=(3, s.image_size, s.image_size),
                                 classes=[str(c) for c in range(_CLASSES)],
                                 normalization={"mean": _MEAN, "std": _STD}, data=DataConfig())
     checkpoint.save(directory, model, meta)
@@ -215,11 +216,13 @@ def _bare_predict(directory: str, dev: _Device, requests) -> Callable[[int], int
 
 def format_report(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"{s['model']} (width {s['width']}) at {s['image_size']}x{s['image_size']} on {report['device']} "
+    lines = [f"{s['model']} (width {s['width']}) at {s['image_size']}x{s['image_size']} "
+             f"on {report['device']} "
              f"(autocast {report['autocast']}, {report['memory_format']}, "
              f"compile {s['compile']}), median of {s['rounds']} turns"]
-    for key, label in [("train", f"training, batch {s['batch_size']}"),
-                       *((f"predict_batch_{b}", f"Predictor, batch {b}") for b in _PREDICT_BATCHES)]:
+    rows = [("train", f"training, batch {s['batch_size']}"),
+            *((f"predict_batch_{b}", f"Predictor, batch {b}") for b in _PREDICT_BATCHES)]
+    for key, label in rows:
         r = report[key]
         lines.append(f"  {label:<22} distdl {r['distdl_samples_per_s']:>10,.0f}/s   bare "
                      f"{r['bare_samples_per_s']:>10,.0f}/s   ratio {r['ratio_vs_bare']:.3f}")

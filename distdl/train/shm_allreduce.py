@@ -90,7 +90,8 @@ def attach(model: DistributedDataParallel) -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
     params = [p for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
-    usable = supported() and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
+    usable = supported() and all(p.dtype == torch.float32 and p.device.type == "cpu"
+                                 for p in params)
     path = [create(numel, world) if rank == 0 and usable else None]
     dist.broadcast_object_list(path, src=0)
     if path[0] is None:

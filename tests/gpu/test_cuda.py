@@ -40,7 +40,7 @@ def _two_classes(n: int = 1024, side: int = 32, seed: int = 0):
 
 def _train(dtype: torch.dtype | None, *, channels_last: bool = True, compiled: bool = False,
            epochs: int = 3):
-    """Train a small ResNet-18 on the GPU as a worker does; returns (model, per-epoch losses, val)."""
+    """Train a small ResNet-18 on the GPU as a worker does: (model, epoch losses, val, shard)."""
     device = torch.device("cuda")
     images, labels = _two_classes()
     shard = InMemoryShard.from_arrays(images, labels, MEAN, STD, device, channels_last)
@@ -54,8 +54,8 @@ def _train(dtype: torch.dtype | None, *, channels_last: bool = True, compiled: b
     step_model = torch.compile(model) if compiled else model
     losses = []
     for epoch in range(epochs):
-        sums = loop.train_epoch(step_model, shard.batches(64, shuffle=True, seed=epoch, drop_last=True),
-                                optimizer, scheduler, nn.CrossEntropyLoss(),
+        batches = shard.batches(64, shuffle=True, seed=epoch, drop_last=True)
+        sums = loop.train_epoch(step_model, batches, optimizer, scheduler, nn.CrossEntropyLoss(),
                                 autocast_dtype=dtype, scaler=scaler)
         losses.append(sums.loss / sums.count)
     val = loop.evaluate(step_model, shard.batches(256, shuffle=False, seed=0, drop_last=False),
