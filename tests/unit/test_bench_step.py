@@ -1,10 +1,11 @@
-"""`distdl bench step` on CPU with a tiny model: the report holds both sides and their ratio."""
+"""`distdl bench step` with a tiny model: the report holds both sides and their ratio."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from distdl.bench.step import StepSettings, format_report, run
 from tests.integration.cli import run_cli
@@ -13,7 +14,7 @@ from tests.integration.cli import run_cli
 def test_step_benchmark_reports_both_sides_and_their_ratio():
     report = run(StepSettings(model="small_cnn", width=8, image_size=8, batch_size=32, steps=3,
                               rounds=1))
-    assert report["device"] == "cpu"
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     for key in ("train", "predict_batch_1", "predict_batch_32"):
         r = report[key]
         assert r["distdl_samples_per_s"] > 0 and r["bare_samples_per_s"] > 0
