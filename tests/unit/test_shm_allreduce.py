@@ -24,7 +24,7 @@ def buffer_path():
 
 
 def test_every_rank_gets_the_same_mean_call_after_call(buffer_path):
-    ranks = [SharedGradients(buffer_path, NUMEL, world=2, rank=r) for r in range(2)]
+    ranks = [SharedGradients(buffer_path, NUMEL, world=2, rank=r, timeout_s=30) for r in range(2)]
     sizes = [NUMEL, 10, 999, NUMEL, 1]  # buckets of different sizes, pages used in turn
     inputs = [[torch.randn(n, generator=torch.Generator().manual_seed(10 * r + i))
                for i, n in enumerate(sizes)] for r in range(2)]
