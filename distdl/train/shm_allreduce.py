@@ -1,8 +1,9 @@
 """Gradient all-reduce through shared memory, for DDP ranks on one CPU node.
 
-gloo sends gradients between processes over loopback TCP: on the default digits run that costs
-about a fifth of every step. Ranks on one node can instead write their gradients into one shared
-buffer and each sum all of them, which costs two memory copies and a sum.
+gloo sends gradients between processes over loopback TCP: in two plain processes training the
+default digits model, a step took 19.9 to 21.0 ms with gloo's average and 15.0 to 16.2 ms with
+none. Ranks on one node can instead write their gradients into one shared buffer and each sum
+all of them, which costs two memory copies and a sum (16.6 to 17.0 ms a step there).
 
 Protocol: the buffer holds two pages (used alternately), each with one slot per rank, and one
 counter per rank. For its n-th all-reduce a rank writes its gradients into its slot of page

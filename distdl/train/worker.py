@@ -110,8 +110,8 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
     # more collective per step. `fit` averages them across ranks once per epoch instead.
     model = ray.train.torch.prepare_model(
         raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    if _one_cpu_node(device) and cfg.train.shm_allreduce:
-        shm_allreduce.attach(model)
+    if _one_cpu_node(device) and cfg.train.shm_allreduce and shm_allreduce.attach(model):
+        log.info("gradients are averaged through shared memory, not gloo")
     if cfg.train.compile:
         model = torch.compile(model)
     return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch)
