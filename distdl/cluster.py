@@ -218,8 +218,9 @@ def down(directory: Path) -> list[int]:
 def _stop_nodes(state: dict[str, Any]) -> list[int]:
     """SIGTERM every process of every node, workers before the head, then SIGKILL what is left.
 
-    A node's processes are its `ray start` process, its descendants, and whatever is still in its
-    process group (Ray's workers stay there; a process whose parent died is no descendant).
+    A node's processes are its `ray start` process, its descendants (Ray's workers, each in a
+    process group of its own, are the raylet's children), and whatever is still in the node's
+    process group (a process whose parent died is no descendant).
     Signalling through psutil checks each process's start time, so a reused pid is never hit.
     """
     procs = _node_processes(state)

@@ -1,10 +1,9 @@
-"""A worker node dies mid-training (its raylet is SIGKILLed) and rejoins: the job still succeeds."""
+"""A worker node crashes mid-training (its raylet and the workers under it are SIGKILLed) and
+rejoins: the job still succeeds."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,10 +31,21 @@ def _first_epoch(metrics: Path, job: subprocess.Popen, timeout: float = 150) -> 
     raise AssertionError("no epoch finished")
 
 
-def _raylet_pid(state: dict, name: str) -> int:
+def _crash(state: dict, name: str) -> list[str]:
+    """SIGKILL node `name`'s raylet and every process under it, at once, as a machine crash would.
+    Killing only the raylet leaves its workers to notice on their own, which may take longer
+    than the rest of the run. Returns the killed processes' command lines."""
     leader = next(n for n in state["nodes"] if n["name"] == name)
-    children = psutil.Process(leader["pid"]).children(recursive=True)
-    return next(p.pid for p in children if p.name() == "raylet")
+    raylet = next(p for p in psutil.Process(leader["pid"]).children(recursive=True)
+                  if p.name() == "raylet")
+    killed = []
+    for proc in [raylet, *raylet.children(recursive=True)]:
+        try:
+            killed.append(" ".join(proc.cmdline()))
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return killed
 
 
 def test_training_survives_a_killed_worker_node(local_cluster, cluster_env):
@@ -54,7 +64,8 @@ def test_training_survives_a_killed_worker_node(local_cluster, cluster_env):
     victim_id = next(i for i in ranks_on if names[i] != "node_head")
     victim = names[victim_id]
 
-    os.kill(_raylet_pid(state, victim), signal.SIGKILL)
+    killed = _crash(state, victim)
+    assert any("RayTrainWorker" in line for line in killed), killed
     done = len((run_dir / "metrics.jsonl").read_text().splitlines())
     assert done < EPOCHS - 5, "training ended before the fault: nothing was tested"
     cluster.restart_node(directory, victim)
@@ -66,4 +77,5 @@ def test_training_survives_a_killed_worker_node(local_cluster, cluster_env):
     assert epochs == list(range(1, EPOCHS + 1))  # resumed from a checkpoint, nothing repeated
     result = json.loads((run_dir / "result.json").read_text())
     assert len(set(result["worker_nodes"])) == 2
-    assert victim_id not in result["worker_nodes"]  # the group did restart, off the dead node
+    # The group did restart, off the dead node.
+    assert victim_id not in result["worker_nodes"], "\n".join(lines)
