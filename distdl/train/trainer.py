@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
-from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from distdl import provenance, runtime
@@ -19,6 +18,7 @@ from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
+from distdl.train.data_split import WorkerShards
 from distdl.train.recorder import EpochRecorder
 from distdl.train.worker import WorkerSpec, train_loop_per_worker
 
@@ -72,39 +72,6 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
                       steps_per_epoch=steps)
 
 
-class _Shards(ray.train.DataConfig):
-    """How the datasets reach the workers: each worker gets only its share of the rows.
-
-    When workers hold their shard in memory, a dataset already in the object store whose blocks
-    divide evenly among them is split by whole blocks: each worker reads its blocks directly,
-    with no split-coordinator actor to start (seconds on a small machine), and the workers agree
-    on the steps per epoch (worker.py). Other training data take Train's equal streaming split;
-    other validation data a streaming split that drops no rows, so that the accuracy is that of
-    the whole split (an equal split drops up to N-1 rows, which DDP needs only for training).
-    """
-
-    def __init__(self, *, by_blocks: bool):
-        super().__init__()
-        self.by_blocks = by_blocks
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():  # Ray Train V2 passes one dataset per call
-            if (self.by_blocks and isinstance(ds, MaterializedDataset)
-                    and ds.num_blocks() % world_size == 0):
-                splits = [part.iterator() for part in ds.split(world_size)]
-            elif name == "val":
-                val = ds.copy(ds)
-                val.context.execution_options = self._resolve_execution_options(name)
-                splits = val.streaming_split(world_size, equal=False)
-            else:
-                splits = [shard[name] for shard in super().configure(
-                    {name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)]
-            for shard, split in zip(output, splits):
-                shard[name] = split
-        return output
-
-
 def build_trainer(
     cfg: Config,
     data: PreparedData,
@@ -137,7 +104,7 @@ def build_trainer(
         scaling_config=scaling,
         run_config=run,
         datasets={"train": data.images.train, "val": data.images.val},
-        dataset_config=_Shards(by_blocks=spec.in_memory),
+        dataset_config=WorkerShards(by_blocks=spec.in_memory),
     )
 
 
