@@ -187,7 +187,8 @@ def _save_checkpoint(s: StepSettings, directory: str) -> None:
 
 def _distdl_predict(directory: str, dev: _Device, requests) -> Callable[[int], int]:
     predictor = Predictor.from_checkpoint(directory, dev.device,
-                                          channels_last=dev.memory_format == torch.channels_last)
+                                          channels_last=dev.memory_format == torch.channels_last,
+                                          mixed_precision=dev.dtype is not None)
 
     def serve(turn: int) -> int:
         for images in requests:

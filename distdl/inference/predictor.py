@@ -20,9 +20,10 @@ from distdl.train import checkpoint
 
 class Predictor:
     def __init__(self, model: nn.Module, meta: dict[str, Any], device: torch.device | None = None,
-                 *, channels_last: bool = True):
-        """`channels_last` applies on GPU only, as in training: convolutions in mixed precision
-        run faster in that layout there, and slower on CPU."""
+                 *, channels_last: bool = True, mixed_precision: bool = True):
+        """Both apply on GPU only, as in training: `mixed_precision` runs the model under
+        autocast (bf16 where supported), and `channels_last` suits convolutions in mixed
+        precision there but slows them on CPU."""
         self.device = device or torch.device("cuda" if runtime.cuda_available() else "cpu")
         self._memory_format = (torch.channels_last if channels_last and self.device.type == "cuda"
                                else torch.contiguous_format)
@@ -32,13 +33,14 @@ class Predictor:
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
         self._mean = meta["normalization"]["mean"]
         self._std = meta["normalization"]["std"]
-        self._dtype = runtime.autocast_dtype(self.device)
+        self._dtype = runtime.autocast_dtype(self.device) if mixed_precision else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: torch.device | None = None,
-                        *, channels_last: bool = True) -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: torch.device | None = None, *,
+                        channels_last: bool = True, mixed_precision: bool = True) -> Predictor:
         model, meta = checkpoint.load_model(path)
-        return cls(model, meta, device, channels_last=channels_last)
+        return cls(model, meta, device, channels_last=channels_last,
+                   mixed_precision=mixed_precision)
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, H, W, C), resized to the model's input if needed -> model input."""

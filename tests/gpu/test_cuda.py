@@ -106,6 +106,10 @@ def test_gpu_predictor_agrees_with_cpu_predictor(mixed_precision_run, tmp_path):
     assert gpu_probs.dtype == np.float32 and gpu_probs.shape == (256, 2)
     assert np.abs(gpu_probs - cpu_probs).max() < 0.05  # bf16/fp16 against float32
     assert (gpu_probs.argmax(1) == labels).mean() > 0.95
+    # Without autocast the GPU computes in float32 (TF32 in convolutions): closer to the CPU.
+    full = Predictor.from_checkpoint(tmp_path, torch.device("cuda"), mixed_precision=False)
+    full_error = np.abs(full.predict(images) - cpu_probs).max()
+    assert full_error < min(0.01, np.abs(gpu_probs - cpu_probs).max())
     # Other sizes are resized on the host exactly as on CPU.
     assert gpu.predict(images[:4, :20, :20]).argmax(1).tolist() == \
         cpu.predict(images[:4, :20, :20]).argmax(1).tolist()
