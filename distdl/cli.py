@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -458,6 +459,8 @@ def cmd_serve(args) -> int:
     if args.detach:
         return 0
     print("Ctrl-C stops", flush=True)
+    # Service managers (systemd, `docker stop`, Kubernetes) stop with SIGTERM: stop as gracefully.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -465,6 +468,10 @@ def cmd_serve(args) -> int:
         deploy.stop([name for name, _ in mounts], local=local)
         print("stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_serve_build(args) -> int:

@@ -46,8 +46,9 @@ def _post_png(path: str, image: np.ndarray, **kwargs) -> requests.Response:
                          timeout=60, **kwargs)
 
 
-def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 180) -> str:
-    """Read the CLI's output until `text`; the reader thread keeps the pipe drained after."""
+def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 180) -> list[str]:
+    """Read the CLI's output until `text`; the reader thread keeps the pipe drained after, and
+    keeps adding to the returned lines until the process ends."""
     seen: list[str] = []
     found = threading.Event()
 
@@ -61,7 +62,7 @@ def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 180) -
     if not found.wait(timeout):
         process.kill()
         pytest.fail(f"no {text!r} from distdl serve:\n{''.join(seen)[-3000:]}")
-    return "".join(seen)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -367,21 +368,26 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
 
 
 def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints, validation):
-    """No --address: distdl starts its own Ray, and Ctrl-C shuts it all down."""
+    """No --address: distdl starts its own Ray, and SIGTERM (a service manager's stop) shuts it
+    all down as gracefully as Ctrl-C."""
     images, _ = validation
     process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
                                 "--port", str(PORT + 1), "--direct-ingress"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = _wait_for_line(process, "Ctrl-C stops")
     try:
-        direct = [line.split()[-1] for line in output.splitlines() if "replica, direct:" in line]
+        direct = [line.split()[-1] for line in output if "replica, direct:" in line]
         assert len(direct) == 1 and f":{PORT + 1}/" not in direct[0]
         reply = requests.post(direct[0], data=_png(images[0]), timeout=60,
                               headers={"Content-Type": "image/png"})
         assert reply.status_code == 200 and reply.json()["predictions"]
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
+    deadline = time.monotonic() + 10  # the reader thread may not have taken the last lines yet
+    while "stopped\n" not in output and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "stopped\n" in output and "Traceback" not in "".join(output), "".join(output)
 
 
 def test_a_port_in_use_is_one_line(checkpoints):
