@@ -1,7 +1,9 @@
 """`distdl bench train`: the distdl training loop against a bare PyTorch loop, in one run.
 
 Both train the same model on the same in-memory training split with the same global batch and
-the same total CPU threads. Steady state leaves out the first epoch of each (start-up, caches).
+the same total CPU threads. Steady state is the median of the per-epoch rates, leaving out the
+first epoch of each (start-up, caches): the median, so that one epoch slowed by something else
+on the machine does not pull the figure down.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
     images, labels = _training_tensors(cfg)
     ray.shutdown()  # the baseline gets the machine to itself
     bare = bare_loop(cfg, images, labels, threads=threads)
-    distdl_rate = statistics.mean(m["samples_per_s"] for m in history[1:])
+    distdl_rate = statistics.median(m["samples_per_s"] for m in history[1:])
     return {
         "distdl_samples_per_s": round(distdl_rate, 1),
         "bare_samples_per_s": round(bare, 1),
@@ -86,7 +88,7 @@ def bare_loop(cfg: Config, images: torch.Tensor, labels: torch.Tensor, *, thread
             loss.backward()
             optimizer.step()
         rates.append(steps * batch / (time.perf_counter() - started))
-    return statistics.mean(rates[1:])
+    return statistics.median(rates[1:])
 
 
 def format_report(report: dict[str, Any]) -> str:
