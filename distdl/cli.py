@@ -144,9 +144,10 @@ def _serve_parsers(sub) -> None:
     _ray_args(serve)
     serve.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
                        help="require this key from clients (default: DISTDL_API_KEY)")
-    serve.add_argument("--direct-ingress", action="store_true",
-                       help="each replica also answers on a port of its own, skipping Serve's "
-                            "proxy (a Ray that distdl starts; prints the replica URLs)")
+    serve.add_argument("--ingress", default="proxy", choices=["proxy", "direct", "haproxy"],
+                       help="how HTTP reaches the replicas of a Ray that distdl starts: Serve's "
+                            "proxy (default); direct: each replica also answers on a port of its "
+                            "own (printed); haproxy: HAProxy on --port, forwarding to those ports")
     serve.add_argument("--detach", action="store_true",
                        help="deploy and return, leaving Serve running on the cluster (--address)")
 
@@ -441,11 +442,11 @@ def cmd_serve(args) -> int:
     if args.detach and local:
         raise UserError("--detach needs a running cluster (--address or RAY_ADDRESS): a local "
                         "Ray ends with this command")
-    if args.direct_ingress and not local:
-        raise UserError("--direct-ingress applies to a Ray that distdl starts; on a cluster, set "
-                        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in its nodes' environment")
-    if args.direct_ingress:
-        deploy.enable_direct_ingress()
+    if args.ingress != "proxy" and not local:
+        raise UserError(f"--ingress {args.ingress} applies to a Ray that distdl starts; on a "
+                        f"cluster, set {deploy.INGRESS_ENV[args.ingress]}=1 in its nodes' "
+                        "environment")
+    deploy.enable_ingress(args.ingress)
     replicas = options.replicas or options.max_replicas
     runtime.connect(args.address, num_cpus=max(os.cpu_count() or 1,
                                                int(len(mounts) * replicas * options.num_cpus)))
@@ -453,7 +454,7 @@ def cmd_serve(args) -> int:
     base = f"http://{options.host}:{options.port}"
     for name, path in mounts:
         print(f"serving {path}\n  at {base}/{name}/predict  (docs: {base}/{name}/docs)")
-        for url in deploy.replica_urls(name) if args.direct_ingress else []:
+        for url in deploy.replica_urls(name) if args.ingress == "direct" else []:
             print(f"  replica, direct: {url}/predict")
     print(f"health: {base}/healthz")
     if args.detach:

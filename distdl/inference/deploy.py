@@ -227,16 +227,29 @@ def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
     return model_version(checkpoint)
 
 
-def enable_direct_ingress() -> None:
-    """Let each ingress replica also answer HTTP on a port of its own, skipping the proxy hop.
+# How HTTP reaches the replicas (see enable_ingress) -> the setting that turns it on.
+INGRESS_ENV = {"proxy": None, "direct": "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+               "haproxy": "RAY_SERVE_ENABLE_HA_PROXY"}
 
-    Serve reads the setting when its processes start, so it applies to a Ray that distdl starts
-    (a cluster's nodes need RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in their own environment). The
-    proxy on --port keeps working. Replicas normally drain for 30 s before stopping in this mode,
-    for outside load balancers; one replica on one machine needs only its own graceful timeout.
+
+def enable_ingress(kind: str) -> None:
+    """Choose how HTTP reaches the replicas of a Ray that distdl starts.
+
+    - proxy: Serve's Python HTTP proxy on --port calls the replica (several ms of CPU per
+      request).
+    - direct: as proxy, and each ingress replica also answers on a port of its own.
+    - haproxy: HAProxy (the binary that ray[serve] installs) listens on --port and forwards to
+      the replicas' own ports. Ray also binds HAProxy's stats page (:8404) and Prometheus
+      exporter (:9101) on all interfaces, not only --host (RAY_SERVE_HAPROXY_STATS_PORT and
+      RAY_SERVE_HAPROXY_METRICS_PORT move them).
+
+    Serve reads the setting when its processes start: on a cluster, it belongs in the nodes'
+    environment. Replicas with a port of their own normally drain for 30 s before stopping, for
+    outside load balancers; one replica on one machine needs only its own graceful timeout.
     """
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    if INGRESS_ENV[kind]:
+        os.environ[INGRESS_ENV[kind]] = "1"
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def replica_urls(name: str) -> list[str]:

@@ -372,7 +372,7 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     all down as gracefully as Ctrl-C."""
     images, _ = validation
     process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
-                                "--port", str(PORT + 1), "--direct-ingress"],
+                                "--port", str(PORT + 1), "--ingress", "direct"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = _wait_for_line(process, "Ctrl-C stops")
     try:
@@ -388,6 +388,42 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     while "stopped\n" not in output and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "stopped\n" in output and "Traceback" not in "".join(output), "".join(output)
+
+
+def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
+        checkpoints, validation, slow_checkpoint):
+    """HAProxy on the port forwards to the replicas' own ports: answers, a client's 4xx and the
+    replica's 503 with Retry-After (HAProxy turns only its own errors into 500) reach the
+    client as they left the replica."""
+    images, labels = validation
+    port = PORT + 2
+    process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
+                                f"slow={slow_checkpoint}", "--port", str(port), "--ingress",
+                                "haproxy", "--max-batch-size", "1", "--max-queued-requests", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _wait_for_line(process, "Ctrl-C stops")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+        answers = [requests.post(f"{base}/vision/predict", data=_png(image), timeout=60,
+                                 headers={"Content-Type": "image/png"}) for image in images[:20]]
+        assert all(reply.status_code == 200 for reply in answers)
+        predicted = [reply.json()["predictions"][0]["class_index"] for reply in answers]
+        assert np.mean(np.array(predicted) == labels[:20]) >= 0.9
+        empty = requests.post(f"{base}/vision/predict", data=b"", timeout=60,
+                              headers={"Content-Type": "image/png"})
+        assert empty.status_code == 400 and empty.json()["error"]
+        png = _png(np.zeros((224, 224, 3), np.uint8))
+        with ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(lambda _: requests.post(
+                f"{base}/slow/predict", data=png, timeout=60,
+                headers={"Content-Type": "image/png"}), range(24)))
+        statuses = sorted({reply.status_code for reply in replies})
+        assert statuses == [200, 503], statuses
+        assert all(r.headers.get("Retry-After") == "1" for r in replies if r.status_code == 503)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0, "".join(output)[-3000:]
 
 
 def test_a_port_in_use_is_one_line(checkpoints):
