@@ -1,7 +1,8 @@
 """`distdl bench serve`: distdl on Ray Serve, batched and unbatched, against a bare FastAPI server.
 
-Serve is measured two ways: through its HTTP proxy (the --port every client can use) and
-direct to the replica's own port (direct ingress), which skips the proxy's hop.
+Serve is measured three ways: through its Python HTTP proxy (the --port every client can use),
+direct to the replica's own port (direct ingress), which skips the proxy's hop, and through
+HAProxy on --port forwarding to that port (a second Ray: Serve reads the choice at start-up).
 
 All three serve the same checkpoint with the same decoding and Predictor, and the same torch
 threads, to the same closed-loop load: `clients` concurrent HTTP clients on 127.0.0.1, each
@@ -30,8 +31,11 @@ from distdl import provenance, recipes, runtime
 from distdl.config import resolve
 from distdl.errors import UserError
 
+# How requests reach Serve: (prefix of its ratio keys, suffix of its variant keys, in words).
+PATHS = (("", "", "through Serve's proxy"), ("direct_", "_direct", "direct to the replica"),
+         ("haproxy_", "_haproxy", "through HAProxy"))
 VARIANTS = ("serve_batched", "serve_unbatched", "serve_batched_direct", "serve_unbatched_direct",
-            "bare_fastapi")
+            "serve_batched_haproxy", "serve_unbatched_haproxy", "bare_fastapi")
 MODELS = {"digits": "digits_cpu", "resnet18": "shapes_resnet18_gpu"}  # -> the recipe it comes from
 
 
@@ -113,33 +117,42 @@ def measure(url: str, bodies: list[bytes], *, clients: int, seconds: float) -> d
     return {**loaded, "one_client_p50_ms": alone["p50_ms"]}
 
 
-def _serve_variants(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float,
-                    threads: int, max_batch_size: int, batch_wait_ms: float,
+def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: int,
+                    seconds: float, threads: int, max_batch_size: int, batch_wait_ms: float,
                     port: int) -> dict[str, Any]:
+    """Batched, then unbatched, on a Ray of its own started with `ingress`: "direct" measures
+    both Serve's proxy and the replica's port, "haproxy" HAProxy on the port."""
     import ray
     from ray import serve
 
     from distdl.inference import deploy
 
-    deploy.enable_direct_ingress()
+    deploy.enable_ingress(ingress)
     runtime.connect(None, num_cpus=os.cpu_count())
     options = deploy.ServeOptions(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                   threads=threads, max_ongoing_requests=max(64, 2 * max_batch_size),
                                   port=port)
-    proxy = f"http://127.0.0.1:{port}/bench/predict"
+    on_port = f"http://127.0.0.1:{port}/bench/predict"
     results = {}
     try:
         for name, batch in (("batched", max_batch_size), ("unbatched", 1)):
             # Only user_config differs: the second run reconfigures the same replica in place.
             config = deploy.serve_config([("bench", ckpt)], replace(options, max_batch_size=batch))
             deploy.deploy(config)
+            if ingress == "haproxy":
+                results[f"serve_{name}_haproxy"] = measure(on_port, bodies, clients=clients,
+                                                           seconds=seconds)
+                continue
             direct = deploy.replica_urls("bench")[0] + "/predict"
-            results[f"serve_{name}"] = measure(proxy, bodies, clients=clients, seconds=seconds)
+            results[f"serve_{name}"] = measure(on_port, bodies, clients=clients, seconds=seconds)
             results[f"serve_{name}_direct"] = measure(direct, bodies, clients=clients,
                                                       seconds=seconds)
     finally:
         serve.shutdown()
-        ray.shutdown()  # the bare server gets the machine to itself
+        ray.shutdown()  # the next variant, and the bare server, get the machine to themselves
+        for variable in deploy.INGRESS_ENV.values():
+            if variable:
+                os.environ.pop(variable, None)
     return results
 
 
@@ -181,9 +194,12 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
     with tempfile.TemporaryDirectory() as scratch:
         ckpt = checkpoint or make_checkpoint(model, Path(scratch))
         bodies = _pngs(load_meta(ckpt)["input_shape"])
-        report = _serve_variants(ckpt, bodies, clients=clients, seconds=seconds,
-                                 threads=threads, max_batch_size=max_batch_size,
-                                 batch_wait_ms=batch_wait_ms, port=port)
+        report = {}
+        for ingress in ("direct", "haproxy"):
+            report |= _serve_variants(ckpt, bodies, ingress=ingress, clients=clients,
+                                      seconds=seconds, threads=threads,
+                                      max_batch_size=max_batch_size,
+                                      batch_wait_ms=batch_wait_ms, port=port)
         report["bare_fastapi"] = _bare(ckpt, bodies, clients=clients, seconds=seconds,
                                        threads=threads, port=port + 1)
     rate = {key: value["requests_per_s"] for key, value in report.items()}
@@ -191,18 +207,23 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
     report.update({
         "model": checkpoint or model, "clients": clients, "seconds": seconds,
         "threads": threads, "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms,
-        "ratio_vs_unbatched": round(rate["serve_batched"] / rate["serve_unbatched"], 3),
-        "ratio_vs_bare": round(rate["serve_batched"] / rate["bare_fastapi"], 3),
-        "direct_ratio_vs_unbatched": round(rate["serve_batched_direct"]
-                                           / rate["serve_unbatched_direct"], 3),
-        "direct_ratio_vs_bare": round(rate["serve_batched_direct"] / rate["bare_fastapi"], 3),
-        "overhead_ms_vs_bare": round(one_client["serve_unbatched"]
-                                     - one_client["bare_fastapi"], 2),
-        "direct_overhead_ms_vs_bare": round(one_client["serve_unbatched_direct"]
-                                            - one_client["bare_fastapi"], 2),
+        **_ratios(rate, one_client),
         "provenance": provenance.collect(),
     })
     return report
+
+
+def _ratios(rate: dict[str, float], one_client: dict[str, float]) -> dict[str, float]:
+    """For each path: batched against unbatched and against the bare server, and the
+    one-client latency above the bare server's (unbatched, so that no batch wait counts)."""
+    out = {}
+    for prefix, suffix, _ in PATHS:
+        batched, unbatched = f"serve_batched{suffix}", f"serve_unbatched{suffix}"
+        out[f"{prefix}ratio_vs_unbatched"] = round(rate[batched] / rate[unbatched], 3)
+        out[f"{prefix}ratio_vs_bare"] = round(rate[batched] / rate["bare_fastapi"], 3)
+        out[f"{prefix}overhead_ms_vs_bare"] = round(one_client[unbatched]
+                                                    - one_client["bare_fastapi"], 2)
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -213,7 +234,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {key:<23} {r['requests_per_s']:>8.1f} req/s   p50 {r['p50_ms']:>7.1f} ms"
                      f"   p99 {r['p99_ms']:>7.1f} ms   1 client p50 {r['one_client_p50_ms']:.1f} ms"
                      f"   errors {r['errors']}")
-    for path, prefix in (("through the proxy", ""), ("direct to the replica", "direct_")):
+    for prefix, _, path in PATHS:
         lines.append(f"  {path}: batched vs unbatched {report[prefix + 'ratio_vs_unbatched']:.2f}x"
                      f", batched vs bare FastAPI {report[prefix + 'ratio_vs_bare']:.2f}x, "
                      f"overhead per request vs bare "
