@@ -359,6 +359,8 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
         "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
         "must be at least 1": ("serve", checkpoints[0], "--max-batch-size", "0"),
+        "RAY_SERVE_ENABLE_HA_PROXY=1 in its nodes' environment": (
+            "serve", checkpoints[0], "--ingress", "haproxy", "--address", "127.0.0.1:1"),
     }
     for words, args in cases.items():
         done = run_cli(*args)
