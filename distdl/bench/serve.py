@@ -139,14 +139,11 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
             # Only user_config differs: the second run reconfigures the same replica in place.
             config = deploy.serve_config([("bench", ckpt)], replace(options, max_batch_size=batch))
             deploy.deploy(config)
-            if ingress == "haproxy":
-                results[f"serve_{name}_haproxy"] = measure(on_port, bodies, clients=clients,
+            urls = ({"_haproxy": on_port} if ingress == "haproxy" else
+                    {"": on_port, "_direct": deploy.replica_urls("bench")[0] + "/predict"})
+            for suffix, url in urls.items():
+                results[f"serve_{name}{suffix}"] = measure(url, bodies, clients=clients,
                                                            seconds=seconds)
-                continue
-            direct = deploy.replica_urls("bench")[0] + "/predict"
-            results[f"serve_{name}"] = measure(on_port, bodies, clients=clients, seconds=seconds)
-            results[f"serve_{name}_direct"] = measure(direct, bodies, clients=clients,
-                                                      seconds=seconds)
     finally:
         serve.shutdown()
         ray.shutdown()  # the next variant, and the bare server, get the machine to themselves
