@@ -373,9 +373,8 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     """No --address: distdl starts its own Ray, and SIGTERM (a service manager's stop) shuts it
     all down as gracefully as Ctrl-C."""
     images, _ = validation
-    process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
-                                "--port", str(PORT + 1), "--ingress", "direct"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = popen_cli("serve", checkpoints[0], "--port", str(PORT + 1), "--ingress", "direct",
+                        address=None)
     output = _wait_for_line(process, "Ctrl-C stops")
     try:
         direct = [line.split()[-1] for line in output if "replica, direct:" in line]
@@ -399,10 +398,9 @@ def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
     client as they left the replica."""
     images, labels = validation
     port = PORT + 2
-    process = subprocess.Popen([sys.executable, "-m", "distdl.cli", "serve", checkpoints[0],
-                                f"slow={slow_checkpoint}", "--port", str(port), "--ingress",
-                                "haproxy", "--max-batch-size", "1", "--max-queued-requests", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = popen_cli("serve", checkpoints[0], f"slow={slow_checkpoint}", "--port", str(port),
+                        "--ingress", "haproxy", "--max-batch-size", "1",
+                        "--max-queued-requests", "2", address=None)
     output = _wait_for_line(process, "Ctrl-C stops")
     base = f"http://127.0.0.1:{port}"
     try:
