@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from distdl.errors import UserError, error_line
+from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE
 
 STARTED = time.time()  # the command's start, for the benchmark's fixed-overhead figure
 
@@ -97,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--checkpoint", help="serve this checkpoint instead")
     bench_serve.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     bench_serve.add_argument("--seconds", type=float, default=15.0, help="per measurement (15)")
-    bench_serve.add_argument("--max-batch-size", type=int, default=32, help="(default 32)")
-    bench_serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="(default 5)")
+    bench_serve.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                             help=f"(default {MAX_BATCH_SIZE})")
+    bench_serve.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+                             help=f"(default {BATCH_WAIT_MS:g})")
     bench_serve.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bench_serve.add_argument("--port", type=int, default=8300, help="(default 8300 and 8301)")
     bench_serve.add_argument("--json", help="also write the report to this JSON file")
@@ -121,10 +124,11 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
     scale.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
     batch = parser.add_argument_group("batching and limits")
-    batch.add_argument("--max-batch-size", type=int, default=32,
-                       help="requests per forward pass; 1 turns batching off (default 32)")
-    batch.add_argument("--batch-wait-ms", type=float, default=5.0,
-                       help="how long a batch waits to fill (default 5)")
+    batch.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                       help="requests per forward pass; 1 turns batching off "
+                            f"(default {MAX_BATCH_SIZE})")
+    batch.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+                       help=f"how long a batch waits to fill (default {BATCH_WAIT_MS:g})")
     batch.add_argument("--max-queued-requests", type=int, default=256,
                        help="beyond this many waiting requests, answer 503 (default 256)")
     batch.add_argument("--max-body-mb", type=float, default=8.0,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distdl.errors import UserError, error_line, failure_line
+from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE
 from distdl.inference.inputs import Limits
 
 API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
@@ -33,8 +34,8 @@ class ServeOptions:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
-    max_batch_size: int = 32
-    batch_wait_ms: float = 5.0
+    max_batch_size: int = MAX_BATCH_SIZE
+    batch_wait_ms: float = BATCH_WAIT_MS
     max_ongoing_requests: int | None = None  # default: twice the batch size
     max_queued_requests: int = 256
     retry_after_s: int = 1

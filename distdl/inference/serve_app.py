@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException
 
-from distdl.inference import inputs
+from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE, inputs
 from distdl.inference.deploy import API_KEY_ENV
 from distdl.inference.inputs import BadInput, Limits
 
@@ -171,7 +171,7 @@ class VisionService:
         self._limits = Limits(**(limits or {}))
         self._top_k = top_k
         self._checkpoint: str | None = None
-        self._batching = {"max_batch_size": 32, "batch_wait_ms": 5.0}
+        self._batching = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": BATCH_WAIT_MS}
         self._load(checkpoint)
         self._requests = metrics.Counter(
             "distdl_requests", description="Prediction requests by HTTP status.",
@@ -207,7 +207,7 @@ class VisionService:
         blank = np.zeros((1, height, width, channels), np.uint8)
         self._model_thread.submit(self._predictor.predict, blank).result()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_MS / 1000)
     async def predict_batch(self, requests: list[np.ndarray]) -> list[dict[str, Any]]:
         """Requests that arrive together run as one forward pass, off the event loop."""
         predictor, version = self._predictor, self._version

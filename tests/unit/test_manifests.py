@@ -95,7 +95,7 @@ def test_rayservice_embeds_what_serve_build_writes():
     embedded = yaml.safe_load(_kuberay("rayservice.yaml")["spec"]["serveConfigV2"])
     # The options of the command in the manifest's header comment.
     options = deploy.ServeOptions(replicas=None, min_replicas=1, max_replicas=4, num_cpus=2,
-                                  num_gpus=1, host="0.0.0.0")
+                                  num_gpus=1, max_batch_size=32, host="0.0.0.0")
     checkpoint = embedded["applications"][0]["args"]["checkpoint"]
     assert embedded == deploy.serve_config([("vision", checkpoint)], options)
 
