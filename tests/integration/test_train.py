@@ -117,3 +117,11 @@ def test_storage_given_as_a_uri(ray_address, tmp_path):
     best = rundir.read_result(tmp_path / "run")["best_checkpoint"]
     assert best.startswith(f"file://{tmp_path / 'store' / 'debug'}/checkpoint_")
     assert (Path(best.removeprefix("file://")) / checkpoint.MODEL_FILE).is_file()
+
+
+def test_a_local_ray_turns_off_what_only_a_cluster_uses(ray_address):
+    # Ray Train reads both in the driver as each run starts; the shared Ray is a local one.
+    import os
+
+    assert os.environ.get("RAY_TRAIN_METRICS_ENABLED") == "0"
+    assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == "0"
