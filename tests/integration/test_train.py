@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,5 @@ def test_storage_given_as_a_uri(ray_address, tmp_path):
 
 def test_a_local_ray_turns_off_what_only_a_cluster_uses(ray_address):
     # Ray Train reads both in the driver as each run starts; the shared Ray is a local one.
-    import os
-
     assert os.environ.get("RAY_TRAIN_METRICS_ENABLED") == "0"
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == "0"
