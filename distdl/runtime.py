@@ -50,8 +50,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     # One machine is never preempted: Ray Train's preemption watcher would be one more process
     # to start and a poll of the GCS every few seconds of training. A value set by the user wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Nothing reads Ray Train's own metrics on a local Ray (no Prometheus), and recording them
-    # slowed training here: digits on 2 cores gave 14,468, 13,207, 13,215 and 14,226 samples/s
+    # Nothing reads Ray Train's own metrics on a local Ray (no Prometheus), and training was
+    # slower with them on: digits on 2 cores gave 14,468, 13,207, 13,215 and 14,226 samples/s
     # without them against 12,963, 11,982, 11,392 and 13,960 with them (alternated runs).
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     ray.init(

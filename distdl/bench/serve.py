@@ -129,6 +129,8 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
 
     deploy.enable_ingress(ingress)
     runtime.connect(None, num_cpus=os.cpu_count())
+    # One limit on requests in flight for both variants: the unbatched one's own default
+    # (twice its batch of 1) would hold the clients back in Serve's queue, not in the model.
     options = deploy.ServeOptions(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                                   threads=threads, max_ongoing_requests=max(64, 2 * max_batch_size),
                                   port=port)
