@@ -18,6 +18,7 @@ from ray.data.extensions import ArrowTensorArray
 from sklearn.datasets import load_digits
 
 from distdl.config import DataConfig
+from distdl.data import sources
 from distdl.data.sources import (
     SHAPE_CLASSES,
     generate_shapes,
@@ -78,6 +79,14 @@ def test_digits_shapes_classes_and_batches():
     images, labels = _arrays(data.val)
     assert set(np.unique(images)) <= {round(v * 255 / 16) for v in range(17)}
     assert images.max() == 255 and set(labels) == set(range(10))
+
+
+def test_digits_table_matches_load_digits_from_the_file_and_without_it(monkeypatch):
+    digits = load_digits()
+    expected = np.column_stack([digits.data, digits.target])
+    assert np.array_equal(sources._digits_table(), expected)  # read from sklearn's file
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    assert np.array_equal(sources._digits_table(), expected)  # through load_digits
 
 
 def test_digits_split_is_deterministic_disjoint_and_complete():
