@@ -132,9 +132,10 @@ def _digits_table() -> np.ndarray:
     0.9 to 1.0 s here, on the way to the first training step of the default run.
     """
     spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
-    if path is not None and path.is_file():
-        return np.loadtxt(path, delimiter=",")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",")
     from sklearn.datasets import load_digits  # a scikit-learn that keeps the file elsewhere
 
     digits = load_digits()
