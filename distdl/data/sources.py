@@ -36,6 +36,7 @@ Loading decodes file sources once and keeps the decoded images in Ray's object s
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import logging
@@ -135,7 +136,10 @@ def _digits_table() -> np.ndarray:
     if spec is not None and spec.origin is not None:
         path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
-            return np.loadtxt(path, delimiter=",")
+            # An open file, not the path: for a path, numpy resolves the working directory,
+            # which a Ray job's process may no longer have.
+            with gzip.open(path, "rt") as table:
+                return np.loadtxt(table, delimiter=",")
     from sklearn.datasets import load_digits  # a scikit-learn that keeps the file elsewhere
 
     digits = load_digits()

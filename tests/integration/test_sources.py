@@ -89,6 +89,15 @@ def test_digits_table_matches_load_digits_from_the_file_and_without_it(monkeypat
     assert np.array_equal(sources._digits_table(), expected)  # through load_digits
 
 
+def test_digits_table_reads_without_a_working_directory(tmp_path, monkeypatch):
+    # A Ray job's process can run in a directory that is gone by then.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert sources._digits_table().shape == (1797, 65)
+
+
 def test_digits_split_is_deterministic_disjoint_and_complete():
     digits = load_digits()
     everything = Counter(np.rint(im * 255 / 16).astype(np.uint8)[..., None].tobytes() + bytes([t])
