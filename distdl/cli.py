@@ -148,10 +148,12 @@ def _serve_parsers(sub) -> None:
     _ray_args(serve)
     serve.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
                        help="require this key from clients (default: DISTDL_API_KEY)")
-    serve.add_argument("--ingress", default="proxy", choices=["proxy", "direct", "haproxy"],
-                       help="how HTTP reaches the replicas of a Ray that distdl starts: Serve's "
-                            "proxy (default); direct: each replica also answers on a port of its "
-                            "own (printed); haproxy: HAProxy on --port, forwarding to those ports")
+    serve.add_argument("--ingress", choices=["haproxy", "proxy", "direct"],
+                       help="how HTTP reaches the replicas of a Ray that distdl starts: haproxy "
+                            "(the default where its binary is installed, as ray[serve] does on "
+                            "Linux): HAProxy on --port, forwarding to the replicas' own ports; "
+                            "proxy: Serve's Python proxy (the default elsewhere); direct: as "
+                            "proxy, and each replica also answers on a port of its own (printed)")
     serve.add_argument("--detach", action="store_true",
                        help="deploy and return, leaving Serve running on the cluster (--address)")
 
@@ -446,11 +448,14 @@ def cmd_serve(args) -> int:
     if args.detach and local:
         raise UserError("--detach needs a running cluster (--address or RAY_ADDRESS): a local "
                         "Ray ends with this command")
-    if args.ingress != "proxy" and not local:
+    if args.ingress and not local:
         raise UserError(f"--ingress {args.ingress} applies to a Ray that distdl starts; on a "
-                        f"cluster, set {deploy.INGRESS_ENV[args.ingress]}=1 in its nodes' "
-                        "environment")
-    deploy.enable_ingress(args.ingress)
+                        "cluster, its nodes' environment chooses: RAY_SERVE_ENABLE_HA_PROXY=1 "
+                        "or RAY_SERVE_ENABLE_DIRECT_INGRESS=1, neither for Serve's proxy")
+    ingress = (args.ingress or deploy.default_ingress()) if local else None
+    if local:
+        deploy.check_port_free(options.host, options.port)
+        os.environ.update(deploy.ingress_environment(ingress, options.host))
     replicas = options.replicas or options.max_replicas
     runtime.connect(args.address, num_cpus=max(os.cpu_count() or 1,
                                                int(len(mounts) * replicas * options.num_cpus)))
@@ -458,9 +463,9 @@ def cmd_serve(args) -> int:
     base = f"http://{options.host}:{options.port}"
     for name, path in mounts:
         print(f"serving {path}\n  at {base}/{name}/predict  (docs: {base}/{name}/docs)")
-        for url in deploy.replica_urls(name) if args.ingress == "direct" else []:
+        for url in deploy.replica_urls(name) if ingress == "direct" else []:
             print(f"  replica, direct: {url}/predict")
-    print(f"health: {base}/healthz")
+    print(f"health: {base}/healthz" + (f"  (ingress: {ingress})" if ingress else ""))
     if args.detach:
         return 0
     print("Ctrl-C stops", flush=True)

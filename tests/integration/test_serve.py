@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import yaml
@@ -359,7 +360,7 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
         "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
         "must be at least 1": ("serve", checkpoints[0], "--max-batch-size", "0"),
-        "RAY_SERVE_ENABLE_HA_PROXY=1 in its nodes' environment": (
+        "its nodes' environment chooses: RAY_SERVE_ENABLE_HA_PROXY=1": (
             "serve", checkpoints[0], "--ingress", "haproxy", "--address", "127.0.0.1:1"),
     }
     for words, args in cases.items():
@@ -391,19 +392,29 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     assert "stopped\n" in output and "Traceback" not in "".join(output), "".join(output)
 
 
+def _haproxy_listeners() -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket that an HAProxy process listens on."""
+    haproxies = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"}
+    return sorted((c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN and c.pid in haproxies)
+
+
 def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
         checkpoints, validation, slow_checkpoint):
-    """HAProxy on the port forwards to the replicas' own ports: answers, a client's 4xx and the
-    replica's 503 with Retry-After (HAProxy turns only its own errors into 500) reach the
-    client as they left the replica."""
+    """By default a local Serve listens through HAProxy, with its stats page and Prometheus
+    exporter on --host too, not on every interface. HAProxy forwards to the replicas' own
+    ports: answers, a client's 4xx and the replica's 503 with Retry-After (HAProxy turns only
+    its own errors into 500) reach the client as they left the replica."""
     images, labels = validation
     port = PORT + 2
     process = popen_cli("serve", checkpoints[0], f"slow={slow_checkpoint}", "--port", str(port),
-                        "--ingress", "haproxy", "--max-batch-size", "1",
-                        "--max-queued-requests", "2", address=None)
+                        "--max-batch-size", "1", "--max-queued-requests", "2", address=None)
     output = _wait_for_line(process, "Ctrl-C stops")
     base = f"http://127.0.0.1:{port}"
     try:
+        listeners = _haproxy_listeners()
+        assert ("127.0.0.1", port) in listeners and len(listeners) >= 3, listeners
+        assert {address for address, _ in listeners} == {"127.0.0.1"}, listeners
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
         answers = [requests.post(f"{base}/vision/predict", data=_png(image), timeout=60,
                                  headers={"Content-Type": "image/png"}) for image in images[:20]]
