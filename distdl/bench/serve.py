@@ -1,8 +1,9 @@
 """`distdl bench serve`: distdl on Ray Serve, batched and unbatched, against a bare FastAPI server.
 
-Serve is measured three ways: through its Python HTTP proxy (the --port every client can use),
-direct to the replica's own port (direct ingress), which skips the proxy's hop, and through
-HAProxy on --port forwarding to that port (a second Ray: Serve reads the choice at start-up).
+Serve is measured three ways: through HAProxy on --port forwarding to the replica's own port
+(what `distdl serve` uses where it can), through Serve's Python HTTP proxy on --port, and
+direct to the replica's port (direct ingress), which skips the proxy's hop. The last two share
+a Ray; HAProxy gets a second one, as Serve reads the choice at start-up.
 
 All three serve the same checkpoint with the same decoding and Predictor, and the same torch
 threads, to the same closed-loop load: `clients` concurrent HTTP clients on 127.0.0.1, each
@@ -32,10 +33,10 @@ from distdl.config import resolve
 from distdl.errors import UserError
 
 # How requests reach Serve: (prefix of its ratio keys, suffix of its variant keys, in words).
-PATHS = (("", "", "through Serve's proxy"), ("direct_", "_direct", "direct to the replica"),
-         ("haproxy_", "_haproxy", "through HAProxy"))
-VARIANTS = ("serve_batched", "serve_unbatched", "serve_batched_direct", "serve_unbatched_direct",
-            "serve_batched_haproxy", "serve_unbatched_haproxy", "bare_fastapi")
+PATHS = (("", "", "through HAProxy"), ("proxy_", "_proxy", "through Serve's proxy"),
+         ("direct_", "_direct", "direct to the replica"))
+VARIANTS = ("serve_batched", "serve_unbatched", "serve_batched_proxy", "serve_unbatched_proxy",
+            "serve_batched_direct", "serve_unbatched_direct", "bare_fastapi")
 MODELS = {"digits": "digits_cpu", "resnet18": "shapes_resnet18_gpu"}  # -> the recipe it comes from
 
 
@@ -127,7 +128,9 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
 
     from distdl.inference import deploy
 
-    deploy.enable_ingress(ingress)
+    environment = {k: v for k, v in deploy.ingress_environment(ingress, "127.0.0.1").items()
+                   if k not in os.environ}
+    os.environ.update(environment)
     runtime.connect(None, num_cpus=os.cpu_count())
     # One limit on requests in flight for both variants: the unbatched one's own default
     # (twice its batch of 1) would hold the clients back in Serve's queue, not in the model.
@@ -141,17 +144,16 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
             # Only user_config differs: the second run reconfigures the same replica in place.
             config = deploy.serve_config([("bench", ckpt)], replace(options, max_batch_size=batch))
             deploy.deploy(config)
-            urls = ({"_haproxy": on_port} if ingress == "haproxy" else
-                    {"": on_port, "_direct": deploy.replica_urls("bench")[0] + "/predict"})
+            urls = ({"": on_port} if ingress == "haproxy" else
+                    {"_proxy": on_port, "_direct": deploy.replica_urls("bench")[0] + "/predict"})
             for suffix, url in urls.items():
                 results[f"serve_{name}{suffix}"] = measure(url, bodies, clients=clients,
                                                            seconds=seconds)
     finally:
         serve.shutdown()
         ray.shutdown()  # the next variant, and the bare server, get the machine to themselves
-        for variable in deploy.INGRESS_ENV.values():
-            if variable:
-                os.environ.pop(variable, None)
+        for variable in environment:
+            os.environ.pop(variable, None)
     return results
 
 
@@ -194,7 +196,7 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         ckpt = checkpoint or make_checkpoint(model, Path(scratch))
         bodies = _pngs(load_meta(ckpt)["input_shape"])
         report = {}
-        for ingress in ("direct", "haproxy"):
+        for ingress in ("haproxy", "direct"):
             report |= _serve_variants(ckpt, bodies, ingress=ingress, clients=clients,
                                       seconds=seconds, threads=threads,
                                       max_batch_size=max_batch_size,
