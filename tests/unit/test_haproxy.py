@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from distdl.inference import haproxy
@@ -37,11 +41,16 @@ def test_rebind_moves_only_the_wildcard_listeners():
     assert haproxy.rebind(rebound, "127.0.0.1") == rebound
 
 
-def test_launcher_rewrites_the_config_then_runs_haproxy_on_it(tmp_path):
+def _launcher_or_skip() -> str:
     launcher, binary = haproxy.launcher(), haproxy.real_binary()
     if launcher is None or binary is None:
         pytest.skip(f"needs the {haproxy.LAUNCHER} command (pip install -e .) and an HAProxy "
                     "binary (ray[serve] installs one on Linux)")
+    return launcher
+
+
+def test_launcher_rewrites_the_config_then_runs_haproxy_on_it(tmp_path):
+    launcher = _launcher_or_skip()
     config = tmp_path / "haproxy.cfg"
     config.write_text(CONFIG)
     # As Ray runs it: found through BINARY_ENV, which must not make it run itself again.
@@ -55,3 +64,42 @@ def test_launcher_rewrites_the_config_then_runs_haproxy_on_it(tmp_path):
     broken = subprocess.run([launcher, "-c", "-f", str(config)], capture_output=True, text=True,
                             timeout=60)
     assert broken.returncode != 0, "HAProxy itself must judge the config"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_haproxy_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    launcher = _launcher_or_skip()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(f"defaults\n    mode http\n    timeout client 5s\n"
+                      f"frontend web\n    bind 127.0.0.1:{port}\n    http-request return status 200\n")
+    # The parent stands in for Ray's process that runs HAProxy; -db keeps HAProxy in it.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen(sys.argv[1:]); time.sleep(120)",
+                               launcher, "-db", "-f", str(config)])
+    try:
+        assert _wait(lambda: _listening(port), 30), "HAProxy did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+    stopped = _wait(lambda: not _listening(port), 10)
+    for orphan in psutil.process_iter(["cmdline"]):
+        if str(config) in (orphan.info["cmdline"] or []):
+            orphan.kill()
+    assert stopped, "HAProxy outlived the process that started it"
