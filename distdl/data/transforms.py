@@ -71,10 +71,14 @@ def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: i
             if img.width * img.height > max_pixels:
                 raise ValueError(f"image of {img.width}x{img.height} pixels is larger than "
                                  f"{max_pixels} pixels")
-            img = img.convert("L" if channels == 1 else "RGB")  # decodes; raises on bad data
+            img.load()  # decodes; raises on bad data
+            mode = "L" if channels == 1 else "RGB"
+            if img.mode != mode:  # each step copies the image: skip those with nothing to do
+                img = img.convert(mode)
             if size is not None:
                 height, width = _hw(size)
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(img)
     except ValueError:
         raise
