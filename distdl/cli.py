@@ -137,6 +137,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                        help="larger images get 413 before decoding (default 16000000)")
     batch.add_argument("--max-instances", type=int, default=64,
                        help="images per request (default 64)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every request in the replicas' Serve logs (off by default: "
+                             "a small model serves up to a tenth fewer requests with it)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
 
@@ -434,7 +437,7 @@ def _serve_settings(args):
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads,
         limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                       max_pixels=args.max_pixels, max_instances=args.max_instances),
-        host=args.host, port=args.port)
+        access_log=args.access_log, host=args.host, port=args.port)
 
 
 def cmd_serve(args) -> int:

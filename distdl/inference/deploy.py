@@ -44,6 +44,7 @@ class ServeOptions:
     num_gpus: float = 0.0
     threads: int | None = None  # torch threads per replica (default: its CPUs)
     top_k: int = 5
+    access_log: bool = False  # Serve's log line per request
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -83,6 +84,7 @@ def application(name: str, checkpoint: str, options: ServeOptions,
                         "batch_wait_ms": options.batch_wait_ms},
         "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
         "health_check_period_s": 5,
+        "logging_config": {"enable_access_log": options.access_log},
     }
     if options.replicas is None:
         # Serve's defaults wait 30 s before adding a replica; a burst of requests is over by then.

@@ -303,7 +303,7 @@ def test_serve_build_writes_a_config_that_validates_and_deploys_and_autoscales(
     out = tmp_path / "serve.yaml"
     done = run_cli("serve", "build", f"built={checkpoints[0]}", "--port", str(PORT),
                    "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
-                   "-o", str(out))
+                   "--access-log", "-o", str(out))
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(out.read_text())
     schema = ServeDeploySchema.model_validate(config)
@@ -323,6 +323,17 @@ def test_serve_build_writes_a_config_that_validates_and_deploys_and_autoscales(
         time.sleep(1)
     assert reply.status_code == 200 and reply.json()["checkpoint"] == checkpoints[0]
     assert _replicas_under_load("built", images=validation[0], want=2) == 2
+    # The access log is off by default (the `served` fixture's /vision), on with --access-log.
+    assert _access_log_lines("built", "POST /built/predict 200") > 0
+    assert _access_log_lines("vision", "/predict") == 0
+
+
+def _access_log_lines(app: str, text: str) -> int:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return sum(line.count(text) for path in logs.glob(f"replica_{app}_*.log")
+               for line in path.read_text().splitlines())
 
 
 def _replicas_under_load(app: str, *, images: np.ndarray, want: int) -> int:
