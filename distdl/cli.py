@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from distdl.errors import UserError, error_line
-from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE
+from distdl.inference import AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, parse_batch_wait
 
 STARTED = time.time()  # the command's start, for the benchmark's fixed-overhead figure
 
@@ -100,14 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--seconds", type=float, default=15.0, help="per measurement (15)")
     bench_serve.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
                              help=f"(default {MAX_BATCH_SIZE})")
-    bench_serve.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
-                             help=f"(default {BATCH_WAIT_MS:g})")
+    bench_serve.add_argument("--batch-wait-ms", type=_batch_wait, default=BATCH_WAIT_MS,
+                             help=f"auto or milliseconds (default {BATCH_WAIT_MS})")
     bench_serve.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bench_serve.add_argument("--port", type=int, default=8300, help="(default 8300 and 8301)")
     bench_serve.add_argument("--json", help="also write the report to this JSON file")
     _cluster_parsers(sub)
     _serve_parsers(sub)
     return parser
+
+
+def _batch_wait(text: str) -> float | str:
+    try:
+        return parse_batch_wait(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +134,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
                        help="requests per forward pass; 1 turns batching off "
                             f"(default {MAX_BATCH_SIZE})")
-    batch.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
-                       help=f"how long a batch waits to fill (default {BATCH_WAIT_MS:g})")
+    batch.add_argument("--batch-wait-ms", type=_batch_wait, default=BATCH_WAIT_MS,
+                       help="how long a batch waits to fill: milliseconds, or auto: as long "
+                            f"as a lone image's forward pass, {AUTO_WAIT_MS[0]:g} to "
+                            f"{AUTO_WAIT_MS[1]:g} ms (default {BATCH_WAIT_MS})")
     batch.add_argument("--max-queued-requests", type=int, default=256,
                        help="beyond this many waiting requests, answer 503 (default 256)")
     batch.add_argument("--max-body-mb", type=float, default=8.0,

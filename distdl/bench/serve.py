@@ -119,7 +119,7 @@ def measure(url: str, bodies: list[bytes], *, clients: int, seconds: float) -> d
 
 
 def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: int,
-                    seconds: float, threads: int, max_batch_size: int, batch_wait_ms: float,
+                    seconds: float, threads: int, max_batch_size: int, batch_wait_ms: float | str,
                     port: int) -> dict[str, Any]:
     """Batched, then unbatched, on a Ray of its own started with `ingress`: "direct" measures
     both Serve's proxy and the replica's port, "haproxy" HAProxy on the port."""
@@ -149,12 +149,22 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
             for suffix, url in urls.items():
                 results[f"serve_{name}{suffix}"] = measure(url, bodies, clients=clients,
                                                            seconds=seconds)
+            if batch > 1:  # the wait the replica chose, where it was "auto"
+                wait = _batch_wait_used(on_port.replace("/predict", "/model"))
+                for suffix in urls:
+                    results[f"serve_batched{suffix}"]["batch_wait_ms"] = wait
     finally:
         serve.shutdown()
         ray.shutdown()  # the next variant, and the bare server, get the machine to themselves
         for variable in environment:
             os.environ.pop(variable, None)
     return results
+
+
+def _batch_wait_used(model_url: str) -> float:
+    import requests
+
+    return requests.get(model_url, timeout=30).json()["batch_wait_ms"]
 
 
 def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threads: int,
@@ -183,7 +193,7 @@ def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threa
 
 
 def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
-        max_batch_size: int, batch_wait_ms: float, threads: int | None,
+        max_batch_size: int, batch_wait_ms: float | str, threads: int | None,
         port: int) -> dict[str, Any]:
     from distdl.train.checkpoint import load_meta
 
@@ -234,7 +244,8 @@ def format_report(report: dict[str, Any]) -> str:
         r = report[key]
         lines.append(f"  {key:<23} {r['requests_per_s']:>8.1f} req/s   p50 {r['p50_ms']:>7.1f} ms"
                      f"   p99 {r['p99_ms']:>7.1f} ms   1 client p50 {r['one_client_p50_ms']:.1f} ms"
-                     f"   errors {r['errors']}")
+                     f"   errors {r['errors']}"
+                     + (f"   waits {r['batch_wait_ms']:.1f} ms" if "batch_wait_ms" in r else ""))
     for prefix, _, path in PATHS:
         lines.append(f"  {path}: batched vs unbatched {report[prefix + 'ratio_vs_unbatched']:.2f}x"
                      f", batched vs bare FastAPI {report[prefix + 'ratio_vs_bare']:.2f}x, "

@@ -8,7 +8,33 @@ mostly add waiting. And a batch that fills goes at once, while one that cannot f
 BATCH_WAIT_MS: with 16 clients through HAProxy (three alternated rounds), ResNet-18 at a 15 ms
 wait gave 109.0, 115.1 and 107.0 requests/s at 16 against 92.6, 104.8 and 94.8 at 32. GPU
 replicas gain from larger batches: raise `--max-batch-size` there.
+
+How long a batch waits to fill is "auto" by default: as long as one forward pass of a lone
+image takes in the replica, within AUTO_WAIT_MS. Waiting costs a lone request at most its own
+forward pass again, while under load it lets the requests answered by one pass come back in
+time to join the next: a short wait splits the clients into groups that alternate in smaller
+batches (README, Benchmark). A model of about a millisecond per pass gets the low bound, as
+waiting longer than its pass pays only when batches fill.
 """
 
 MAX_BATCH_SIZE = 16
-BATCH_WAIT_MS = 5.0
+BATCH_WAIT_MS: float | str = "auto"
+AUTO_WAIT_MS = (5.0, 50.0)  # the bounds of an "auto" batch wait
+
+
+def auto_batch_wait_ms(lone_pass_ms: float) -> float:
+    low, high = AUTO_WAIT_MS
+    return min(max(lone_pass_ms, low), high)
+
+
+def parse_batch_wait(text: str) -> float | str:
+    """"auto", or milliseconds >= 0 (a command-line value or a config's)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"batch wait must be 'auto' or milliseconds, got {text!r}") from None
+    if not value >= 0:
+        raise ValueError(f"batch wait must be 'auto' or milliseconds >= 0, got {text!r}")
+    return value

@@ -36,7 +36,7 @@ class ServeOptions:
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
     max_batch_size: int = MAX_BATCH_SIZE
-    batch_wait_ms: float = BATCH_WAIT_MS
+    batch_wait_ms: float | str = BATCH_WAIT_MS  # or "auto"
     max_ongoing_requests: int | None = None  # default: twice the batch size
     max_queued_requests: int = 256
     retry_after_s: int = 1

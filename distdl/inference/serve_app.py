@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException
 
-from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE, inputs
+from distdl.inference import (AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, auto_batch_wait_ms,
+                              inputs, parse_batch_wait)
 from distdl.inference.deploy import API_KEY_ENV
 from distdl.inference.inputs import BadInput, Limits
 
@@ -66,6 +68,7 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
     max_batch_size: int
     batch_wait_ms: float
+    batch_wait_auto: bool  # batch_wait_ms was measured: one forward pass of a lone image
 
 
 async def require_api_key(request: Request) -> None:
@@ -171,8 +174,9 @@ class VisionService:
         self._limits = Limits(**(limits or {}))
         self._top_k = top_k
         self._checkpoint: str | None = None
-        self._batching = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": BATCH_WAIT_MS}
+        self._batch_config = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": BATCH_WAIT_MS}
         self._load(checkpoint)
+        self._apply_batching()
         self._requests = metrics.Counter(
             "distdl_requests", description="Prediction requests by HTTP status.",
             tag_keys=("status",))
@@ -193,12 +197,37 @@ class VisionService:
         """Apply `user_config`: a new checkpoint loads before it replaces the old one."""
         if config.get("checkpoint") and config["checkpoint"] != self._checkpoint:
             self._load(config["checkpoint"])
-        self._batching = {
-            "max_batch_size": int(config.get("max_batch_size", self._batching["max_batch_size"])),
-            "batch_wait_ms": float(config.get("batch_wait_ms", self._batching["batch_wait_ms"])),
-        }
-        self.predict_batch.set_max_batch_size(self._batching["max_batch_size"])
-        self.predict_batch.set_batch_wait_timeout_s(self._batching["batch_wait_ms"] / 1000)
+        self._batch_config = {key: config.get(key, value)
+                              for key, value in self._batch_config.items()}
+        self._apply_batching()
+
+    def _apply_batching(self) -> None:
+        """An "auto" wait is measured on the model now serving (see distdl.inference)."""
+        size = int(self._batch_config["max_batch_size"])
+        wait = parse_batch_wait(self._batch_config["batch_wait_ms"])
+        auto = wait == "auto"
+        wait_ms = auto_batch_wait_ms(self._lone_pass_ms()) if auto else float(wait)
+        self.predict_batch.set_max_batch_size(size)
+        self.predict_batch.set_batch_wait_timeout_s(wait_ms / 1000)
+        self._batching = {"max_batch_size": size, "batch_wait_ms": round(wait_ms, 2),
+                          "batch_wait_auto": auto}
+        log.info("batches of at most %d, waiting %.1f ms%s", size, wait_ms,
+                 " (auto)" if auto else "")
+
+    def _lone_pass_ms(self, passes: int = 7, warm_up: int = 2) -> float:
+        """The fastest of a few forward passes of one image, on the model's thread."""
+        channels, height, width = self._predictor.input_shape
+        blank = np.zeros((1, height, width, channels), np.uint8)
+
+        def fastest() -> float:
+            times = []
+            for _ in range(passes):
+                started = time.perf_counter()
+                self._predictor.predict(blank)
+                times.append(time.perf_counter() - started)
+            return 1000 * min(times[warm_up:])
+
+        return self._model_thread.submit(fastest).result()
 
     def check_health(self) -> None:
         """Serve calls this every few seconds; a replica whose model no longer runs (a lost GPU)
@@ -207,7 +236,8 @@ class VisionService:
         blank = np.zeros((1, height, width, channels), np.uint8)
         self._model_thread.submit(self._predictor.predict, blank).result()
 
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_MS / 1000)
+    # Both set again by each replica as it starts (_apply_batching).
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=AUTO_WAIT_MS[0] / 1000)
     async def predict_batch(self, requests: list[np.ndarray]) -> list[dict[str, Any]]:
         """Requests that arrive together run as one forward pass, off the event loop."""
         predictor, version = self._predictor, self._version

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from distdl.bench.serve import PATHS, VARIANTS
+from distdl.inference import AUTO_WAIT_MS
 from tests.integration.cli import run_cli
 
 
@@ -18,6 +19,10 @@ def test_serve_benchmark_measures_every_path_without_errors(tmp_path):
                    "--port", "18410", "--json", str(report_file), timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(report_file.read_text())
+    assert report["batch_wait_ms"] == "auto"
+    low, high = AUTO_WAIT_MS
+    assert all(low <= report[f"serve_batched{suffix}"]["batch_wait_ms"] <= high
+               for _, suffix, _ in PATHS)
     rate = {}
     for key in VARIANTS:
         assert report[key]["errors"] == 0 and report[key]["requests"] > 0, (key, report[key])

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from distdl.config import DataConfig, ModelConfig
-from distdl.inference import deploy
+from distdl.inference import AUTO_WAIT_MS, deploy
 from distdl.inference.predictor import Predictor
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
@@ -151,6 +151,7 @@ def test_every_way_to_send_images_and_the_metadata(served, validation):
     info = requests.get(f"{BASE}/vision/model", timeout=10).json()
     assert info["classes"] == [str(d) for d in range(10)] and info["input_shape"] == [1, 8, 8]
     assert info["model_version"] == multipart.json()["model_version"]
+    assert info["batch_wait_ms"] == 20.0 and not info["batch_wait_auto"]  # as `served` set it
     second = requests.get(f"{BASE}/second/model", timeout=10).json()  # mounted beside /vision
     assert second["checkpoint"] != info["checkpoint"]
     assert second["model_version"] != info["model_version"]
@@ -428,6 +429,9 @@ def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
         assert ("127.0.0.1", port) in listeners and len(listeners) >= 3, listeners
         assert {address for address, _ in listeners} == {"127.0.0.1"}, listeners
         assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+        info = requests.get(f"{base}/vision/model", timeout=30).json()
+        assert info["batch_wait_auto"], "the default batch wait is measured in the replica"
+        assert AUTO_WAIT_MS[0] <= info["batch_wait_ms"] <= AUTO_WAIT_MS[1]
         answers = [requests.post(f"{base}/vision/predict", data=_png(image), timeout=60,
                                  headers={"Content-Type": "image/png"}) for image in images[:20]]
         assert all(reply.status_code == 200 for reply in answers)
