@@ -148,7 +148,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                        help="images per request (default 64)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every request in the replicas' Serve logs (off by default: "
-                             "a small model serves up to a tenth fewer requests with it)")
+                             "it costs CPU on every request)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
 
