@@ -381,6 +381,9 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
+    wait = run_cli("serve", checkpoints[0], "--batch-wait-ms", "soon")  # argparse's own line
+    assert wait.returncode == 2 and wait.stderr.count("\n") == 1, wait.stderr
+    assert "batch wait must be 'auto' or milliseconds, got 'soon'" in wait.stderr
 
 
 def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints, validation):
