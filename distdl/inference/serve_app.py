@@ -175,8 +175,11 @@ class VisionService:
         self._top_k = top_k
         self._checkpoint: str | None = None
         self._batch_config = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": BATCH_WAIT_MS}
+        # As predict_batch's decorator set it, until Serve applies the deployment's user_config
+        # (distdl's configs always hold one) through `reconfigure`, before the replica serves.
+        self._batching = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": AUTO_WAIT_MS[0],
+                          "batch_wait_auto": False}
         self._load(checkpoint)
-        self._apply_batching()
         self._requests = metrics.Counter(
             "distdl_requests", description="Prediction requests by HTTP status.",
             tag_keys=("status",))
@@ -191,6 +194,7 @@ class VisionService:
         # Both change together, between batches: a batch always runs on one model.
         self._predictor, self._version = predictor, model_version(checkpoint)
         self._checkpoint = checkpoint
+        self._lone_ms: float | None = None  # this model's lone forward pass, once needed
         log.info("serving %s (version %s)", checkpoint, self._version)
 
     def reconfigure(self, config: dict) -> None:
@@ -206,13 +210,17 @@ class VisionService:
         size = int(self._batch_config["max_batch_size"])
         wait = parse_batch_wait(self._batch_config["batch_wait_ms"])
         auto = wait == "auto"
-        wait_ms = auto_batch_wait_ms(self._lone_pass_ms()) if auto else float(wait)
+        if auto and self._lone_ms is None:  # once per model
+            self._lone_ms = self._lone_pass_ms()
+        wait_ms = auto_batch_wait_ms(self._lone_ms) if auto else float(wait)
         self.predict_batch.set_max_batch_size(size)
         self.predict_batch.set_batch_wait_timeout_s(wait_ms / 1000)
-        self._batching = {"max_batch_size": size, "batch_wait_ms": round(wait_ms, 2),
-                          "batch_wait_auto": auto}
-        log.info("batches of at most %d, waiting %.1f ms%s", size, wait_ms,
-                 " (auto)" if auto else "")
+        batching = {"max_batch_size": size, "batch_wait_ms": round(wait_ms, 2),
+                    "batch_wait_auto": auto}
+        if batching != self._batching:
+            log.info("batches of at most %d, waiting %.1f ms%s", size, wait_ms,
+                     " (auto)" if auto else "")
+        self._batching = batching
 
     def _lone_pass_ms(self, passes: int = 7, warm_up: int = 2) -> float:
         """The fastest of a few forward passes of one image, on the model's thread."""
@@ -236,7 +244,7 @@ class VisionService:
         blank = np.zeros((1, height, width, channels), np.uint8)
         self._model_thread.submit(self._predictor.predict, blank).result()
 
-    # Both set again by each replica as it starts (_apply_batching).
+    # Both set again by `reconfigure` (_apply_batching).
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=AUTO_WAIT_MS[0] / 1000)
     async def predict_batch(self, requests: list[np.ndarray]) -> list[dict[str, Any]]:
         """Requests that arrive together run as one forward pass, off the event loop."""
