@@ -224,8 +224,7 @@ class VisionService:
 
     def _lone_pass_ms(self, passes: int = 7, warm_up: int = 2) -> float:
         """The fastest of a few forward passes of one image, on the model's thread."""
-        channels, height, width = self._predictor.input_shape
-        blank = np.zeros((1, height, width, channels), np.uint8)
+        blank = self._blank_image()
 
         def fastest() -> float:
             times = []
@@ -240,9 +239,11 @@ class VisionService:
     def check_health(self) -> None:
         """Serve calls this every few seconds; a replica whose model no longer runs (a lost GPU)
         raises here, and Serve replaces it."""
+        self._model_thread.submit(self._predictor.predict, self._blank_image()).result()
+
+    def _blank_image(self) -> np.ndarray:
         channels, height, width = self._predictor.input_shape
-        blank = np.zeros((1, height, width, channels), np.uint8)
-        self._model_thread.submit(self._predictor.predict, blank).result()
+        return np.zeros((1, height, width, channels), np.uint8)
 
     # Both set again by `reconfigure` (_apply_batching).
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=AUTO_WAIT_MS[0] / 1000)
