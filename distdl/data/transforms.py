@@ -20,8 +20,13 @@ Size = int | tuple[int, int]
 """A square side in pixels, or (height, width)."""
 
 
-def to_float_chw(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, H, W, C) -> float32 tensor (N, C, H, W) with values in [0, 1]."""
+def to_float_chw(images_uint8_nhwc: np.ndarray | torch.Tensor,
+                 memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """uint8 images (N, H, W, C) -> float32 tensor (N, C, H, W) with values in [0, 1].
+
+    `memory_format` defaults to contiguous NCHW; `torch.channels_last` keeps the pixels where
+    they are, as NHWC is that layout already.
+    """
     import torch  # here, not at the top: Ray Data decode tasks import this module, torch costs seconds
 
     images = images_uint8_nhwc
@@ -31,7 +36,8 @@ def to_float_chw(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {images.dtype} "
                          f"{tuple(images.shape)}")
-    return images.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    layout = torch.contiguous_format if memory_format is None else memory_format
+    return images.permute(0, 3, 1, 2).contiguous(memory_format=layout).float().div_(255.0)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

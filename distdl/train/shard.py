@@ -35,10 +35,9 @@ class InMemoryShard:
     def from_arrays(cls, images: np.ndarray, labels: np.ndarray, mean, std,
                     device: torch.device, channels_last: bool) -> InMemoryShard:
         """uint8 images (N, H, W, C) and integer labels -> normalized tensors on `device`."""
-        x = normalize(to_float_chw(torch.from_numpy(images)), mean, std)
         # One layout for the whole run: DDP's gradient buckets expect the layout of the first step.
-        x = x.contiguous(memory_format=torch.channels_last if channels_last
-                         else torch.contiguous_format)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        x = normalize(to_float_chw(torch.from_numpy(images), layout), mean, std)
         y = torch.from_numpy(labels.astype(np.int64))
         return cls(x.to(device), y.to(device))
 
@@ -63,7 +62,9 @@ class StreamingShard:
 
     def __init__(self, iterator, mean, std, device: torch.device, channels_last: bool):
         self.iterator = iterator
-        self.mean, self.std = mean, std
+        # On the device once: a list would cost two host-to-device copies per batch.
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
+                               for v in (mean, std))
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -76,8 +77,8 @@ class StreamingShard:
             pin_memory=self.device.type == "cuda",
         ):
             x = batch["image"].to(self.device, non_blocking=True)
-            x = normalize(to_float_chw(x), self.mean, self.std)
-            yield x.contiguous(memory_format=self.memory_format), batch["label"].to(self.device)
+            x = normalize(to_float_chw(x, self.memory_format), self.mean, self.std)
+            yield x, batch["label"].to(self.device)
 
 
 def load_in_memory(

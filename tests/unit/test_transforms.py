@@ -31,6 +31,15 @@ def test_to_float_chw_layout_and_range():
     assert out.min() >= 0.0 and out.max() <= 1.0
 
 
+def test_to_float_chw_channels_last_holds_the_same_values_without_moving_pixels():
+    images = torch.from_numpy(_random_image((2, 5, 7, 3)))
+    out = to_float_chw(images, torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, to_float_chw(images))
+    # NHWC is channels_last already: the float tensor's strides are the uint8 tensor's.
+    assert out.stride() == images.permute(0, 3, 1, 2).stride()
+
+
 def test_to_float_chw_takes_tensors_and_read_only_arrays_without_warning():
     images = _random_image((3, 4, 4, 1))
     images.flags.writeable = False  # as Ray hands batches out
