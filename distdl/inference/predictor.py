@@ -6,16 +6,20 @@ statistics stored in the checkpoint), so a served model sees what the trained mo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from distdl import runtime
 from distdl.data.transforms import normalize, resize_uint8, to_float_chw
 from distdl.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -27,12 +31,14 @@ class Predictor:
         self.device = device or torch.device("cuda" if runtime.cuda_available() else "cpu")
         self._memory_format = (torch.channels_last if channels_last and self.device.type == "cuda"
                                else torch.contiguous_format)
-        self.model = model.to(self.device, memory_format=self._memory_format).eval()
+        self.model = fold_batch_norm(model).to(self.device, memory_format=self._memory_format)
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
-        self._mean = meta["normalization"]["mean"]
-        self._std = meta["normalization"]["std"]
+        # Made once: building them per call costs a host-to-device copy each on GPU.
+        self._mean, self._std = (
+            torch.tensor(meta["normalization"][key], device=self.device).view(1, -1, 1, 1)
+            for key in ("mean", "std"))
         self._dtype = runtime.autocast_dtype(self.device) if mixed_precision else None
 
     @classmethod
@@ -54,8 +60,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = normalize(to_float_chw(x), self._mean, self._std)
-        return x.contiguous(memory_format=self._memory_format)
+        return normalize(to_float_chw(x, self._memory_format), self._mean, self._std)
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -67,3 +72,17 @@ class Predictor:
         else:
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """The model in eval mode, with each batch norm that follows a convolution folded into that
+    convolution's weights: the same function, one layer fewer to run per pair.
+
+    Folding needs a traceable forward (torch.fx); a model without one runs as it is.
+    """
+    model = model.eval()
+    try:
+        return fuse(model)
+    except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
+        log.warning("running %s without folding batch norm: %s", type(model).__name__, error)
+        return model
