@@ -199,7 +199,8 @@ def _distdl_predict(directory: str, dev: _Device, requests) -> Callable[[int], i
 
 
 def _bare_predict(directory: str, dev: _Device, requests) -> Callable[[int], int]:
-    """Host uint8 images in, host probabilities out, as a server needs them, written plainly."""
+    """Host uint8 images in, host probabilities out, as a server needs them, written plainly:
+    the model as trained, without the Predictor's batch-norm folding."""
     model, _ = checkpoint.load_model(directory)
     model = model.to(dev.device, memory_format=dev.memory_format).eval()
 
