@@ -105,7 +105,7 @@ class TrainConfig:
     amp: bool = True
     """GPU only: automatic mixed precision, bf16 where supported, else fp16 with a grad scaler."""
     channels_last: bool = True
-    """GPU only: channels-last memory format for convolutions."""
+    """Channels-last memory format for convolutions, on GPU and CPU workers alike."""
     compile: bool = False
     """torch.compile the model (slow to start; pays off for long GPU runs)."""
     shm_allreduce: bool = True

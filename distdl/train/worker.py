@@ -57,7 +57,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = spec.config
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    channels_last = cfg.train.channels_last and device.type == "cuda"
+    channels_last = cfg.train.channels_last
     # Asking for both shards before reading either lets Ray start their split coordinators at once.
     iterators = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     train_data = _shard(iterators["train"], spec, device, channels_last)

@@ -42,16 +42,21 @@ def _worker(config):
     rank = ray.train.get_context().get_world_rank()
     torch.save(_train_rank(rank, shared_memory=False), f"{config['out']}/gloo{rank}.pt")
     torch.save(_train_rank(rank, shared_memory=True), f"{config['out']}/shm{rank}.pt")
+    torch.save(_train_rank(rank, shared_memory=True, channels_last=True),
+               f"{config['out']}/shm_channels_last{rank}.pt")
     torch.save(_batch_norm_statistics(rank), f"{config['out']}/bn{rank}.pt")
     ray.train.report({"done": 1})
 
 
-def _train_rank(rank, *, shared_memory):
-    """This rank's half of every global batch, its gradients averaged by gloo or shared memory."""
+def _train_rank(rank, *, shared_memory, channels_last=False):
+    """This rank's half of every global batch, its gradients averaged by gloo or shared memory;
+    `channels_last` trains in that memory format, as CPU workers do by default."""
     x, y = _data()
     mine = [(bx[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH], by[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH])
             for bx, by in _global_batches(x, y)]
     raw = _new_model()
+    if channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
     model = prepare_model(raw)
     attached = shm_allreduce.attach(model) if shared_memory else False
     optimizer = loop.make_optimizer(raw, OPTIM)
@@ -87,12 +92,14 @@ def ddp_run(ray_address, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("averaging", ["gloo", "shm"])
+@pytest.mark.parametrize("averaging", ["gloo", "shm", "shm_channels_last"])
 def test_two_ranks_agree_and_match_a_single_process(ddp_run, averaging):
     saved = [torch.load(ddp_run / f"{averaging}{r}.pt", weights_only=True) for r in range(WORLD)]
-    if averaging == "shm" and shm_allreduce.supported():
+    if averaging.startswith("shm") and shm_allreduce.supported():
         assert all(s["shared_memory"] for s in saved)
     ranks = [s["state"] for s in saved]
+    if averaging.endswith("channels_last"):
+        assert ranks[0]["features.2.weight"].is_contiguous(memory_format=torch.channels_last)
 
     single = _new_model()
     initial = copy.deepcopy(single.state_dict())
