@@ -40,14 +40,23 @@ def to_float_chw(images_uint8_nhwc: np.ndarray | torch.Tensor,
     return images.permute(0, 3, 1, 2).contiguous(memory_format=layout).float().div_(255.0)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """(x - mean) / std per channel of an (N, C, H, W) float tensor; returns a new tensor."""
+    mean_t, std_t = (per_channel(v, x.device, x.dtype) for v in (mean, std))
+    return (x - mean_t) / std_t
+
+
+def per_channel(values: Sequence[float] | torch.Tensor, device,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-channel values as a (1, C, 1, 1) tensor on `device`, to broadcast over NCHW.
+
+    Callers that normalize many batches make it once: from a list, each call copies the values
+    to the device (a host-to-device copy on GPU); from such a tensor, nothing is copied.
+    """
     import torch
 
-    shape = (1, -1, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
-    return (x - mean_t) / std_t
+    return torch.as_tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def resize_uint8(image_hwc: np.ndarray, size: Size) -> np.ndarray:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from distdl import runtime
-from distdl.data.transforms import normalize, resize_uint8, to_float_chw
+from distdl.data.transforms import normalize, per_channel, resize_uint8, to_float_chw
 from distdl.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,8 @@ class Predictor:
         self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])
-        # Made once: building them per call costs a host-to-device copy each on GPU.
-        self._mean, self._std = (
-            torch.tensor(meta["normalization"][key], device=self.device).view(1, -1, 1, 1)
-            for key in ("mean", "std"))
+        self._mean, self._std = (per_channel(meta["normalization"][key], self.device)
+                                 for key in ("mean", "std"))
         self._dtype = runtime.autocast_dtype(self.device) if mixed_precision else None
 
     @classmethod

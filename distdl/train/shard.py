@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from distdl.data.transforms import normalize, to_float_chw
+from distdl.data.transforms import normalize, per_channel, to_float_chw
 
 _READ_BATCH = 4096  # rows per Ray Data batch when loading a shard into memory
 
@@ -62,9 +62,7 @@ class StreamingShard:
 
     def __init__(self, iterator, mean, std, device: torch.device, channels_last: bool):
         self.iterator = iterator
-        # On the device once: a list would cost two host-to-device copies per batch.
-        self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1)
-                               for v in (mean, std))
+        self.mean, self.std = per_channel(mean, device), per_channel(std, device)
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
