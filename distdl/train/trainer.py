@@ -27,8 +27,8 @@ from distdl.train.worker import WorkerSpec, train_loop_per_worker
 # default digits epochs take about 0.1 s of work: polled every 0.2 s they came 0.21 s apart,
 # every 0.1 s 0.11 to 0.12 s apart. A short interval costs a few small RPCs per second, and the
 # controller's handling of each report then overlaps the next epoch's steps instead of idle
-# cores, which slowed those steps by up to 12% in four of five alternated pairs of runs; a
-# 20-epoch run still ended 1.5 to 2 s sooner. A value set by the user wins.
+# cores, which slowed those steps by 4 to 12% in four of five alternated pairs of runs; the
+# 20 epochs still ended 1.1 to 2.1 s sooner. A value set by the user wins.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
