@@ -25,7 +25,7 @@ from distdl.train.worker import WorkerSpec, train_loop_per_worker
 # Ray Train's controller collects reports when it polls the workers (every 2 s by default), and
 # ray.train.report waits for it: with epochs shorter than that, the poll sets the pace. The
 # default digits epochs take about 0.1 s of work: polled every 0.2 s they came 0.21 s apart,
-# every 0.1 s 0.11 to 0.12 s apart. A short interval costs a few small RPCs per second, and the
+# every 0.1 s 0.11 to 0.13 s apart. A short interval costs a few small RPCs per second, and the
 # controller's handling of each report then overlaps the next epoch's steps instead of idle
 # cores, which slowed those steps by 4 to 12% in four of five alternated pairs of runs; the
 # 20 epochs still ended 1.1 to 2.1 s sooner. A value set by the user wins.
