@@ -269,11 +269,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `extra` into a copy of `base`."""
+    """Layer `extra` over a copy of `base`: sections merge field by field, and each field of
+    `extra` replaces the base's value whole, as `--set` does. A mapping-valued field is a value
+    too: a config file's tune.space is the search space, not an addition to the recipe's."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out

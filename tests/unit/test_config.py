@@ -24,6 +24,17 @@ def test_overrides_parse_values_by_field_type(tmp_path):
     assert cfg.model.batch_norm is False
 
 
+def test_a_config_file_replaces_the_recipe_search_space(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text("tune:\n  num_samples: 3\n  space:\n    optim.lr: {choice: [0.1, 0.01]}\n")
+    recipe = recipes.get("digits_tune")
+    cfg = resolve(recipe, path, [])
+    assert len(recipe["tune"]["space"]) > 1  # the recipe searches more than the file does
+    assert cfg.tune.space == {"optim.lr": {"choice": [0.1, 0.01]}}
+    assert cfg.tune.num_samples == 3
+    assert cfg.tune.metric == recipe["tune"]["metric"]  # the section's other fields still merge
+
+
 def test_config_round_trips_through_a_dict():
     cfg = resolve(recipes.get("shapes_resnet18_gpu"), None, [])
     assert Config.from_dict(cfg.to_dict()) == cfg
