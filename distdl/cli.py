@@ -469,8 +469,8 @@ def cmd_serve(args) -> int:
         deploy.check_port_free(options.host, options.port)
         os.environ.update(deploy.ingress_environment(ingress, options.host))
     replicas = options.replicas or options.max_replicas
-    runtime.connect(args.address, num_cpus=max(os.cpu_count() or 1,
-                                               int(len(mounts) * replicas * options.num_cpus)))
+    address = runtime.connect(args.address, num_cpus=max(
+        os.cpu_count() or 1, int(len(mounts) * replicas * options.num_cpus)))
     deploy.deploy(config)
     base = f"http://{options.host}:{options.port}"
     for name, path in mounts:
@@ -478,6 +478,7 @@ def cmd_serve(args) -> int:
         for url in deploy.replica_urls(name) if ingress == "direct" else []:
             print(f"  replica, direct: {url}/predict")
     print(f"health: {base}/healthz" + (f"  (ingress: {ingress})" if ingress else ""))
+    print(f"swap a model: distdl serve update {mounts[0][0]} --checkpoint NEW --address {address}")
     if args.detach:
         return 0
     print("Ctrl-C stops", flush=True)

@@ -387,8 +387,9 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
 
 
 def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints, validation):
-    """No --address: distdl starts its own Ray, and SIGTERM (a service manager's stop) shuts it
-    all down as gracefully as Ctrl-C."""
+    """No --address: distdl starts its own Ray; the `serve update` command it prints swaps the
+    model from another process; SIGTERM (a service manager's stop) shuts it all down as
+    gracefully as Ctrl-C."""
     images, _ = validation
     process = popen_cli("serve", checkpoints[0], "--port", str(PORT + 1), "--ingress", "direct",
                         address=None)
@@ -399,6 +400,14 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
         reply = requests.post(direct[0], data=_png(images[0]), timeout=60,
                               headers={"Content-Type": "image/png"})
         assert reply.status_code == 200 and reply.json()["predictions"]
+        swap = [line.split("swap a model: distdl ")[1].split() for line in output
+                if "swap a model:" in line]
+        assert len(swap) == 1, output
+        command = [checkpoints[1] if word == "NEW" else word for word in swap[0]]
+        done = run_cli(*command, address=None)
+        assert done.returncode == 0, done.stderr[-2000:]
+        info = requests.get(f"http://127.0.0.1:{PORT + 1}/vision/model", timeout=30).json()
+        assert info["model_version"] in done.stdout and info["checkpoint"] == checkpoints[1]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
