@@ -99,6 +99,11 @@ def build_trainer(
             checkpoint_score_order="max",
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        # Ray Train's INFO lines (two per report, with the metrics) cost CPU every epoch; its
+        # system log file keeps every level. Over 200-epoch runs (two alternated
+        # pairs), the workers used 205 ms of CPU per digits epoch at WARNING against 214-221 ms
+        # at INFO, and trained at 13,235 and 13,138 samples/s against 12,676 and 12,166.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         callbacks=list(callbacks),
     )
     spec = worker_spec(cfg, data)
