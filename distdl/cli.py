@@ -307,6 +307,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.json:
+        _check_writable(args.json)  # before minutes of measuring, not after
     if args.bench == "train":
         from distdl.bench import train as bench_train
         from distdl.train.trainer import TrainingFailed
@@ -493,6 +495,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_writable(path: str) -> None:
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: no folder {folder}")
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -502,6 +510,7 @@ def cmd_serve_build(args) -> int:
 
     from distdl.inference import deploy
 
+    _check_writable(args.output)
     mounts = [deploy.mount(spec) for spec in args.checkpoints]
     config = deploy.serve_config(mounts, _serve_settings(args))
     Path(args.output).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -30,6 +30,9 @@ def evaluate(checkpoint_path: str, *, data: str | None, output: Path) -> dict[st
     if images.classes != predictor.classes:
         raise UserError(f"the classes of {data_cfg.source} ({', '.join(images.classes)}) are not "
                         f"the model's ({', '.join(predictor.classes)})")
+    if images.image_shape[0] != predictor.input_shape[0]:
+        raise UserError(f"the images of {data_cfg.source} have {images.image_shape[0]} colour "
+                        f"channels; the model takes {predictor.input_shape[0]}")
     dataset = images.val if data is None else images.train.union(images.val)
     matrix = confusion(predictor, dataset)
     report = summarize(matrix, predictor.classes)

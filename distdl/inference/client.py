@@ -16,6 +16,8 @@ def query(url: str, files: list[str], *, api_key: str | None = None,
     files, or one .json file of {"instances": [...]} as is."""
     import requests
 
+    if timeout_s <= 0:
+        raise UserError(f"--timeout must be more than 0 seconds, got {timeout_s:g}")
     endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/predict") else "/predict")
     paths = [Path(f) for f in files]
     for path in paths:
@@ -56,6 +58,9 @@ def _body(reply, endpoint: str) -> dict[str, Any]:
     if reply.status_code != 200:
         raise UserError(f"{endpoint} answered {reply.status_code}: "
                         f"{body.get('error', body) if isinstance(body, dict) else body}")
+    if not isinstance(body, dict) or "predictions" not in body:
+        raise UserError(f"{endpoint} answered without predictions: is it a distdl endpoint, "
+                        "such as http://127.0.0.1:8000/vision?")
     return body
 
 

@@ -300,6 +300,8 @@ class VisionService:
                 payload = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BadInput(f"body is not valid JSON: {exc}") from None
+            except RecursionError:  # a small body can nest deeper than the parser can go
+                raise BadInput("body is not valid JSON: nested too deeply") from None
             return inputs.from_json(payload, input_shape=shape, limits=limits)
         if kind == "multipart/form-data":
             return await _multipart_images(request, shape, limits)

@@ -53,3 +53,10 @@ def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
     assert other.stderr.strip().splitlines() == [
         f"error: run 'debug' in {tmp_path / 'debug'} was trained with other model settings, "
         "so it cannot be resumed with these; choose another --name"]
+
+
+def test_a_benchmark_report_file_in_a_missing_folder_is_refused_before_measuring(tmp_path):
+    done = run_cli("bench", "train", "--recipe", "debug", "--json", str(tmp_path / "no" / "b.json"),
+                   timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert f"no folder {tmp_path / 'no'}" in done.stderr and "ratio" not in done.stdout

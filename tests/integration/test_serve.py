@@ -175,6 +175,7 @@ def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
         "body too big": ({"data": b"\0" * (1024 * 1024 + 1),
                           "headers": {"Content-Type": "image/png"}}, 413),
         "bad json": ({"data": b'{"instances": [', **as_json}, 400),
+        "json nested too deep": ({"data": b"[" * 100_000, **as_json}, 400),
         "json not object": ({"data": b"[1, 2]", **as_json}, 400),
         "wrong shape": ({"data": json.dumps({"instances": [[1, 2, 3]]}), **as_json}, 400),
         "strings": ({"data": json.dumps({"instances": [[["a"]]]}), **as_json}, 400),
@@ -222,8 +223,12 @@ def test_query_prints_predictions(served, validation, tmp_path):
     for i, path in enumerate(paths):
         name = _post_png("/vision/predict", images[i]).json()["predictions"][0]["class_name"]
         assert f"{path}: {name}  (" in done.stdout
-    bad = run_cli("query", f"{BASE}/vision", str(tmp_path / "missing.png"))
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "no such file"),
+                        ((f"{BASE}/healthz", str(paths[0])), "answered without predictions"),
+                        ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "more than 0")):
+        bad = run_cli("query", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+        assert words in bad.stderr, bad.stderr
 
 
 def test_update_swaps_the_model_without_failing_a_request(ray_address, served, checkpoints,
@@ -372,6 +377,7 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         "--detach needs a running cluster": ("serve", checkpoints[0], "--detach"),
         "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
         "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
+        "no folder": ("serve", "build", checkpoints[0], "-o", str(tmp_path / "no" / "s.yaml")),
         "must be at least 1": ("serve", checkpoints[0], "--max-batch-size", "0"),
         "its nodes' environment chooses: RAY_SERVE_ENABLE_HA_PROXY=1": (
             "serve", checkpoints[0], "--ingress", "haproxy", "--address", "127.0.0.1:1"),

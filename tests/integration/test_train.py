@@ -87,7 +87,8 @@ def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_pa
 
 @pytest.mark.slow
 def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, tmp_path):
-    """The validation digits written as PNG files score as they did in training."""
+    """The validation digits written as PNG files score as they did in training; the same
+    digits in colour are refused in one line, as the model takes one channel."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -95,18 +96,22 @@ def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, t
     digits = load_digits()
     rng = np.random.default_rng(0)
     for i in rng.choice(len(digits.target), size=300, replace=False):
-        folder = tmp_path / "pngs" / str(digits.target[i])
-        folder.mkdir(parents=True, exist_ok=True)
         pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
-    run_dir, _ = digits_run
-    done = run_cli("evaluate", rundir.read_result(run_dir)["best_checkpoint"], "--data",
-                   f"imagefolder:{tmp_path / 'pngs'}", "--output", str(tmp_path / "eval"),
-                   address=ray_address)
+        for kind, mode in (("pngs", "L"), ("rgb", "RGB")):
+            folder = tmp_path / kind / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").convert(mode).save(folder / f"{i}.png")
+    best = rundir.read_result(digits_run[0])["best_checkpoint"]
+    done = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'pngs'}", "--output",
+                   str(tmp_path / "eval"), address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["examples"] == 300 and report["split"] == "all"
     assert report["accuracy"] > 0.95  # mostly training images, through the PNG decode path
+    colour = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'rgb'}",
+                     "--output", str(tmp_path / "eval_rgb"), address=ray_address)
+    assert colour.returncode == 2 and colour.stderr.count("\n") == 1, colour.stderr[-3000:]
+    assert "have 3 colour channels; the model takes 1" in colour.stderr
 
 
 @pytest.mark.slow
