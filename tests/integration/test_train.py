@@ -88,7 +88,7 @@ def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_pa
 @pytest.mark.slow
 def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, tmp_path):
     """The validation digits written as PNG files score as they did in training; the same
-    digits in colour are refused in one line, as the model takes one channel."""
+    digits drawn in red are refused in one line, as the model takes one channel."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -97,10 +97,12 @@ def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, t
     rng = np.random.default_rng(0)
     for i in rng.choice(len(digits.target), size=300, replace=False):
         pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
-        for kind, mode in (("pngs", "L"), ("rgb", "RGB")):
+        red = np.stack([pixels, np.zeros_like(pixels), np.zeros_like(pixels)], axis=-1)
+        for kind, image in (("pngs", Image.fromarray(pixels, mode="L")),
+                            ("rgb", Image.fromarray(red, mode="RGB"))):
             folder = tmp_path / kind / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels, mode="L").convert(mode).save(folder / f"{i}.png")
+            image.save(folder / f"{i}.png")
     best = rundir.read_result(digits_run[0])["best_checkpoint"]
     done = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'pngs'}", "--output",
                    str(tmp_path / "eval"), address=ray_address)
