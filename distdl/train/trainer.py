@@ -83,8 +83,12 @@ def build_trainer(
     storage: str,
     callbacks: list[ray.train.UserCallback] = (),
     name: str | None = None,
+    keep_best_by: tuple[str, str] = ("val_accuracy", "max"),
 ) -> TorchTrainer:
-    """The TorchTrainer for `cfg`; `distdl train` and each Tune trial build it the same way."""
+    """The TorchTrainer for `cfg`; `distdl train` and each Tune trial build it the same way.
+
+    `keep_best_by` (metric, "max" or "min") ranks the checkpoints that are kept.
+    """
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.train.num_workers,
         use_gpu=cfg.train.use_gpu,
@@ -95,8 +99,8 @@ def build_trainer(
         storage_path=storage,
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
-            checkpoint_score_attribute="val_accuracy",
-            checkpoint_score_order="max",
+            checkpoint_score_attribute=keep_best_by[0],
+            checkpoint_score_order=keep_best_by[1],
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         # Ray Train's INFO lines (two per report, with the metrics) cost CPU every epoch; its

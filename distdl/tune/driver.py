@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from distdl.config import Config
@@ -29,11 +30,13 @@ def run_trial(sampled: dict[str, Any], *, base: Config, data: PreparedData, stor
     """Train `base` with the trial's sampled values; each epoch reaches Tune via the callback."""
     context = tune.get_context()
     cfg = space.apply(base, sampled)
-    run = trainer.build_trainer(
-        cfg,
-        data,
-        storage=trial_storage(storage, context.get_experiment_name(), context.get_trial_id()),
-        callbacks=[TuneReportCallback()],
-        name=TRAIN_RUN,
-    )
-    run.fit()
+    storage = trial_storage(storage, context.get_experiment_name(), context.get_trial_id())
+    trial_trainer(cfg, data, storage=storage, callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_trainer(cfg: Config, data: PreparedData, *, storage: str,
+                  callbacks: list) -> TorchTrainer:
+    """A trial's TorchTrainer. It keeps the checkpoints that the search's metric ranks best,
+    so that the best epoch's checkpoint is still there at the end."""
+    return trainer.build_trainer(cfg, data, storage=storage, callbacks=callbacks, name=TRAIN_RUN,
+                                 keep_best_by=(cfg.tune.metric, cfg.tune.mode))

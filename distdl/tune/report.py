@@ -1,7 +1,7 @@
 """What a search leaves behind: tune_result.json, trials.csv and tune_curves.png.
 
 Each trial's epochs come from Tune's own records of the trial; its best checkpoint is that of its
-best epoch among the checkpoints Ray Train kept (the best by validation accuracy, and the latest).
+best epoch among the checkpoints Ray Train kept (the best by the search's metric, and the latest).
 """
 
 from __future__ import annotations

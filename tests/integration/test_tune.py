@@ -90,6 +90,23 @@ def _finished_in_saved_state(experiment: Path) -> set[str]:
     return finished
 
 
+def test_trials_keep_the_checkpoints_their_search_metric_ranks_best(ray_address, tmp_path):
+    """A search for the lowest val_loss must not lose that epoch's checkpoint to one that
+    Ray Train kept for a higher val_accuracy."""
+    from distdl import config, recipes
+    from distdl.train import trainer
+    from distdl.tune import driver
+
+    cfg = config.resolve(recipes.get("debug"), None, ["tune.metric=val_loss", "tune.mode=min"])
+    data = trainer.prepare_data(cfg)
+    kept = driver.trial_trainer(cfg, data, storage=str(tmp_path),
+                                 callbacks=[]).run_config.checkpoint_config
+    assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == ("val_loss", "min")
+    plain = trainer.build_trainer(cfg, data, storage=str(tmp_path)).run_config.checkpoint_config
+    assert (plain.checkpoint_score_attribute, plain.checkpoint_score_order) == ("val_accuracy",
+                                                                                 "max")
+
+
 @pytest.mark.slow
 def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, tmp_path):
     args = ("tune", *TINY, "--name", "resume", "--storage", str(tmp_path),
