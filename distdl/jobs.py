@@ -103,15 +103,12 @@ def follow(job_client, job_id: str, write: Callable[[str], None]) -> None:
     asyncio.run(tail())
 
 
-def wait(job_client, job_id: str, timeout_s: float | None = None) -> str:
-    """Poll until the job reaches a terminal status; return it."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+def wait(job_client, job_id: str) -> str:
+    """Poll until the job reaches a terminal status (Ctrl-C stops waiting); return it."""
     while True:
         status = str(_call(job_client.get_job_status, job_id))
         if status in TERMINAL:
             return status
-        if deadline is not None and time.monotonic() > deadline:
-            raise UserError(f"job {job_id} is still {status} after {timeout_s:.0f} s")
         time.sleep(POLL_S)
 
 

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from distdl.inference import inputs
+from distdl.inference import TOP_K, inputs
 from distdl.inference.predictor import Predictor
 
 
@@ -29,7 +29,7 @@ def make_app(checkpoint: str) -> FastAPI:
         except inputs.BadInput as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         probs = predictor.predict(image[None])  # on the event loop: one at a time, unbatched
-        return JSONResponse({"predictions": inputs.top_k(probs, predictor.classes, 5)})
+        return JSONResponse({"predictions": inputs.top_k(probs, predictor.classes, TOP_K)})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

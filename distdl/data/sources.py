@@ -89,10 +89,6 @@ class ImageData:
     """Unreadable or corrupt images skipped (0 for in-memory sources)."""
 
 
-def source_names() -> list[str]:
-    return ["digits", "shapes", "imagefolder:PATH", "parquet:PATH", "cifar10:PATH"]
-
-
 def load_images(cfg: DataConfig) -> ImageData:
     """Load the source named by `cfg.source`, split into train and validation."""
     kind, _, rest = cfg.source.partition(":")

@@ -18,6 +18,7 @@ waiting longer than its pass pays only when batches fill.
 """
 
 MAX_BATCH_SIZE = 16
+TOP_K = 5  # classes (with probabilities) per prediction; a serve config's args.top_k changes it
 BATCH_WAIT_MS: float | str = "auto"
 AUTO_WAIT_MS = (5.0, 50.0)  # the bounds of an "auto" batch wait
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distdl.errors import UserError, error_line, failure_line
-from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE, haproxy
+from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE, TOP_K, haproxy
 from distdl.inference.inputs import Limits
 
 API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
@@ -26,6 +26,7 @@ API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must 
 REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 PREFIXES = {"image_classification": "vision"}  # a checkpoint's task -> where it mounts
 HEALTH_APP = "healthz"
+RETRY_AFTER_S = 1  # what an overloaded replica's 503 tells clients to wait
 DEPLOYMENT = "VisionService"
 
 
@@ -39,11 +40,9 @@ class ServeOptions:
     batch_wait_ms: float | str = BATCH_WAIT_MS  # or "auto"
     max_ongoing_requests: int | None = None  # default: twice the batch size
     max_queued_requests: int = 256
-    retry_after_s: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int | None = None  # torch threads per replica (default: its CPUs)
-    top_k: int = 5
     access_log: bool = False  # Serve's log line per request
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"
@@ -79,7 +78,7 @@ def application(name: str, checkpoint: str, options: ServeOptions,
         "name": DEPLOYMENT,
         "max_ongoing_requests": options.max_ongoing_requests or 2 * options.max_batch_size,
         "max_queued_requests": options.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": options.retry_after_s},
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "user_config": {"checkpoint": checkpoint, "max_batch_size": options.max_batch_size,
                         "batch_wait_ms": options.batch_wait_ms},
         "ray_actor_options": {"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
@@ -100,7 +99,7 @@ def application(name: str, checkpoint: str, options: ServeOptions,
         "route_prefix": f"/{name}",
         "import_path": "distdl.inference.serve_app:build_app",
         "args": {"checkpoint": checkpoint, "limits": asdict(options.limits),
-                 "top_k": options.top_k, "threads": options.threads},
+                 "top_k": TOP_K, "threads": options.threads},
         "deployments": [deployment],
     }
     env = dict(REPLICA_ENV)

@@ -32,8 +32,8 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException
 
-from distdl.inference import (AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, auto_batch_wait_ms,
-                              inputs, parse_batch_wait)
+from distdl.inference import (AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, TOP_K,
+                              auto_batch_wait_ms, inputs, parse_batch_wait)
 from distdl.inference.deploy import API_KEY_ENV
 from distdl.inference.inputs import BadInput, Limits
 
@@ -168,7 +168,7 @@ async def _multipart_images(request: Request, shape: tuple[int, int, int],
 @serve.deployment(name="VisionService", max_ongoing_requests=64, health_check_period_s=5)
 @serve.ingress(api)
 class VisionService:
-    def __init__(self, checkpoint: str, limits: dict | None = None, top_k: int = 5,
+    def __init__(self, checkpoint: str, limits: dict | None = None, top_k: int = TOP_K,
                  threads: int | None = None):
         self._model_thread = _model_thread(threads)
         self._limits = Limits(**(limits or {}))
@@ -323,7 +323,7 @@ class Health:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve's application builder (`import_path: distdl.inference.serve_app:build_app`)."""
     return VisionService.bind(checkpoint=args["checkpoint"], limits=args.get("limits"),
-                              top_k=int(args.get("top_k", 5)), threads=args.get("threads"))
+                              top_k=int(args.get("top_k", TOP_K)), threads=args.get("threads"))
 
 
 def build_health(args: dict[str, Any]) -> serve.Application:

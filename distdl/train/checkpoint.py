@@ -43,7 +43,6 @@ def make_meta(
         "classes": list(classes),
         "input_shape": list(input_shape),
         "normalization": normalization,
-        "data_source": data.source,
         "data": dataclasses.asdict(data),
         "versions": {
             "distdl": distdl.__version__,
