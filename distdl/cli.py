@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = [f"serve {argv[1]}", *argv[2:]]  # "serve build" and "serve update" are commands
     args = build_parser().parse_args(argv)
     try:
+        address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+        if address:
+            from distdl import runtime
+
+            runtime.prepare_to_join(address)
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 
@@ -34,6 +35,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return _gcs_address()
     if address:
+        prepare_to_join(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -41,12 +43,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             raise UserError(f"cannot connect to the Ray cluster at {address}: {first} "
                             "(is it running? check --address or RAY_ADDRESS)") from None
         return _gcs_address()
-    from ray._private import ray_constants
-
-    # Ray resolves 127.0.0.1 to the machine's routable address unless "cluster mode" is off;
-    # with it off, every Ray process of the local instance binds to loopback only.
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _loopback_only()
     # One machine is never preempted: Ray Train's preemption watcher would be one more process
     # to start and a poll of the GCS every few seconds of training. A value set by the user wins.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -54,6 +51,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     # slower with them on: digits on 2 cores gave 14,468, 13,207, 13,215 and 14,226 samples/s
     # without them against 12,963, 11,982, 11,392 and 13,960 with them (alternated runs).
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    # Ray warns on every start that its token authentication is on; on loopback only, that is
+    # noise in front of distdl's own output (and a second line before a one-line error).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=dashboard,
@@ -62,6 +63,43 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         log_to_driver=False,
     )
     return _gcs_address()
+
+
+def _loopback_only() -> None:
+    """Ray resolves 127.0.0.1 to the machine's routable address unless "cluster mode" is off;
+    with it off, a Ray started here binds to loopback only, and a driver joining a Ray on
+    loopback looks for it there (not at the routable address, where it would wait forever)."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def prepare_to_join(address: str) -> None:
+    """Fail in one line, not after minutes of retries, when nothing listens at a host:port
+    address; join a cluster on loopback there; and send the token that clusters started with
+    `ray start` (and local ones) require, where the user has one and has not chosen a mode.
+    Ray reads the auth mode as it is imported: call this before the first `import ray`."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto", ray:// clients: Ray's own resolution and errors
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); is it "
+                        "running? check --address or RAY_ADDRESS") from None
+    if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    if host in ("127.0.0.1", "localhost"):
+        _loopback_only()  # imports ray: after the auth mode is set
+
+
+def _auth_token_available() -> bool:
+    """Where Ray looks for a token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(os.path.expanduser(path))
 
 
 def _quiet_ray_data() -> None:

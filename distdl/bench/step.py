@@ -43,7 +43,8 @@ class StepSettings:
     amp: bool = True
     """GPU only, as in training: bf16 where supported, else fp16 with a grad scaler."""
     channels_last: bool = True
-    """GPU only, as in training."""
+    """GPU only: on CPU both sides run NCHW, as the Predictor does there (CPU training workers
+    use channels_last, which this benchmark does not time)."""
     compile: bool = False
     rounds: int = 3
     """Timed turns of each side; the median is reported."""

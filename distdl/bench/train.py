@@ -26,6 +26,7 @@ from torch import nn
 from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.transforms import normalize, to_float_chw
+from distdl.errors import UserError
 from distdl.models import build_model
 from distdl.train import rundir, trainer
 
@@ -33,6 +34,9 @@ from distdl.train import rundir, trainer
 def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
     import ray
 
+    if cfg.train.use_gpu:
+        raise UserError("distdl bench train compares CPU workers with a bare CPU loop; for GPU "
+                        "training use distdl bench step, or --set train.use_gpu=false")
     if cfg.train.epochs < 3:  # steady state leaves out the first epoch and needs two after it
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
     threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))

@@ -60,3 +60,15 @@ def test_a_benchmark_report_file_in_a_missing_folder_is_refused_before_measuring
                    timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert f"no folder {tmp_path / 'no'}" in done.stderr and "ratio" not in done.stdout
+
+
+def test_the_training_benchmark_refuses_gpu_recipes(tmp_path):
+    done = run_cli("bench", "train", "--recipe", "shapes_resnet18_gpu", timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "use distdl bench step" in done.stderr
+
+
+def test_an_address_where_no_ray_answers_is_one_line_at_once():
+    done = run_cli("train", "--recipe", "debug", "--address", "127.0.0.1:1", timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "no Ray cluster answers at 127.0.0.1:1" in done.stderr

@@ -27,7 +27,7 @@ from distdl.inference import AUTO_WAIT_MS, deploy
 from distdl.inference.predictor import Predictor
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
-from tests.integration.cli import popen_cli, run_cli
+from tests.integration.cli import fresh_shell_env, popen_cli, run_cli
 
 PORT = 18231
 BASE = f"http://127.0.0.1:{PORT}"
@@ -410,7 +410,7 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
                 if "swap a model:" in line]
         assert len(swap) == 1, output
         command = [checkpoints[1] if word == "NEW" else word for word in swap[0]]
-        done = run_cli(*command, address=None)
+        done = run_cli(*command, address=None, env=fresh_shell_env())
         assert done.returncode == 0, done.stderr[-2000:]
         info = requests.get(f"http://127.0.0.1:{PORT + 1}/vision/model", timeout=30).json()
         assert info["model_version"] in done.stdout and info["checkpoint"] == checkpoints[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distdl.train import checkpoint, rundir
-from tests.integration.cli import run_cli
+from tests.integration.cli import fresh_shell_env, run_cli
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_checkpoint_loads_with_weights_only_and_metadata_round_trips(digits_run)
     meta = json.loads((best / checkpoint.META_FILE).read_text())
     assert meta["classes"] == [str(i) for i in range(10)]
     assert meta["input_shape"] == [1, 8, 8]
-    assert meta["model"]["name"] == "small_cnn" and meta["data_source"] == "digits"
+    assert meta["model"]["name"] == "small_cnn" and meta["data"]["source"] == "digits"
     assert len(meta["normalization"]["mean"]) == 1 and meta["normalization"]["std"][0] > 0
     model, loaded = checkpoint.load_model(best)
     assert loaded == meta
@@ -48,10 +48,11 @@ def test_checkpoint_loads_with_weights_only_and_metadata_round_trips(digits_run)
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_reported_accuracy(digits_run, ray_address, tmp_path):
+    """From a new terminal's environment: joining a Ray on 127.0.0.1 by its address works."""
     run_dir, _ = digits_run
     result = rundir.read_result(run_dir)
     done = run_cli("evaluate", result["best_checkpoint"], "--output", str(tmp_path),
-                   address=ray_address)
+                   address=ray_address, env=fresh_shell_env())
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
