@@ -304,6 +304,7 @@ def cmd_tune(args) -> int:
 def cmd_evaluate(args) -> int:
     from distdl import evaluate, runtime
 
+    evaluate.check_exists(args.checkpoint)  # before the seconds that starting Ray takes
     runtime.connect(args.address)
     report = evaluate.evaluate(args.checkpoint, data=args.data, output=Path(args.output))
     print(evaluate.format_report(report))

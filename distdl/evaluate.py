@@ -48,9 +48,14 @@ def _load(path: str) -> Predictor:
 
         with ray.train.Checkpoint(path).as_directory() as local:
             return Predictor.from_checkpoint(local)
-    if not Path(path).exists():
-        raise UserError(f"checkpoint not found: {path}")
+    check_exists(path)
     return Predictor.from_checkpoint(path)
+
+
+def check_exists(path: str) -> None:
+    """A local checkpoint path must exist (a URI is checked as it is read)."""
+    if "://" not in path and not Path(path).exists():
+        raise UserError(f"checkpoint not found: {path}")
 
 
 def confusion(predictor: Predictor, dataset) -> np.ndarray:

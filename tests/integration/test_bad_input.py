@@ -72,3 +72,9 @@ def test_an_address_where_no_ray_answers_is_one_line_at_once():
     done = run_cli("train", "--recipe", "debug", "--address", "127.0.0.1:1", timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert "no Ray cluster answers at 127.0.0.1:1" in done.stderr
+
+
+def test_evaluating_a_missing_checkpoint_is_one_line(tmp_path):
+    done = run_cli("evaluate", str(tmp_path / "nothing"), timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [f"error: checkpoint not found: {tmp_path / 'nothing'}"]
