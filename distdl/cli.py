@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder for evaluation.json and confusion_matrix.png")
     _ray_args(evaluate)
 
+    _bench_parsers(sub)
+    _cluster_parsers(sub)
+    _serve_parsers(sub)
+    return parser
+
+
+def _bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks against bare baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     bench_train = bench_sub.add_parser("train", help="distdl training loop vs a bare PyTorch loop")
@@ -105,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bench_serve.add_argument("--port", type=int, default=8300, help="(default 8300 and 8301)")
     bench_serve.add_argument("--json", help="also write the report to this JSON file")
-    _cluster_parsers(sub)
-    _serve_parsers(sub)
-    return parser
 
 
 def _batch_wait(text: str) -> float | str:

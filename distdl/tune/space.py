@@ -78,8 +78,10 @@ def _range(name: str, kind: str, values: Any) -> tuple[float, float]:
     if not isinstance(values, list) or len(values) != 2:
         raise UserError(f"{where} needs [low, high]; got {values!r}")
     try:
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError  # float(True) would pass
         # float() also reads YAML 1.1's 1e-4 (no dot), which YAML leaves a string.
-        low, high = (float(v) for v in values if not isinstance(v, bool))
+        low, high = (float(v) for v in values)
     except (TypeError, ValueError):
         raise UserError(f"{where} needs two numbers [low, high]; got {values!r}") from None
     if low >= high:
