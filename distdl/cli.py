@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if address:
             from distdl import runtime
 
-            runtime.prepare_to_join(address)
+            runtime.join_environment(address)
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

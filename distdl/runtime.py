@@ -35,7 +35,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return _gcs_address()
     if address:
-        prepare_to_join(address)
+        _prepare_to_join(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -75,23 +75,38 @@ def _loopback_only() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
-def prepare_to_join(address: str) -> None:
-    """Fail in one line, not after minutes of retries, when nothing listens at a host:port
-    address; join a cluster on loopback there; and send the token that clusters started with
-    `ray start` (and local ones) require, where the user has one and has not chosen a mode.
-    Ray reads the auth mode as it is imported: call this before the first `import ray`."""
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto", ray:// clients: Ray's own resolution and errors
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise UserError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); is it "
-                        "running? check --address or RAY_ADDRESS") from None
+def join_environment(address: str) -> None:
+    """Set what joining the Ray at `address` needs from the environment: the token that clusters
+    started with `ray start` (and local ones) require, where the user has one and has not chosen
+    a mode, and loopback for an address on it. Ray reads both as it is imported: call this
+    before the first `import ray` (the CLI does, as it starts)."""
+    host = _host_port(address)[0]
     if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     if host in ("127.0.0.1", "localhost"):
-        _loopback_only()  # imports ray: after the auth mode is set
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def _prepare_to_join(address: str) -> None:
+    """Fail in one line, not after minutes of retries, when nothing listens at the address."""
+    join_environment(address)
+    host, port = _host_port(address)
+    if port is None:
+        return  # "auto", ray:// clients: Ray's own resolution and errors
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); is it "
+                        "running? check --address or RAY_ADDRESS") from None
+    if host in ("127.0.0.1", "localhost"):
+        _loopback_only()
+
+
+def _host_port(address: str) -> tuple[str, int | None]:
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return address, None
+    return host, int(port)
 
 
 def _auth_token_available() -> bool:
