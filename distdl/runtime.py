@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
-
-import torch
+from typing import TYPE_CHECKING
 
 from distdl.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+_LOOPBACK = ("127.0.0.1", "localhost")
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
@@ -83,7 +87,7 @@ def join_environment(address: str) -> None:
     host = _host_port(address)[0]
     if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
-    if host in ("127.0.0.1", "localhost"):
+    if host in _LOOPBACK:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
@@ -98,7 +102,7 @@ def _prepare_to_join(address: str) -> None:
     except OSError as exc:
         raise UserError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); is it "
                         "running? check --address or RAY_ADDRESS") from None
-    if host in ("127.0.0.1", "localhost"):
+    if host in _LOOPBACK:
         _loopback_only()
 
 
@@ -164,12 +168,18 @@ def _fmt(resources: dict[str, float]) -> str:
     return " + ".join(f"{v:g} {k}" for k, v in resources.items())
 
 
+# torch is imported where it is used: the CLI calls join_environment before every command with
+# an address, `distdl submit` and `distdl jobs` among them, which need no torch (2 s to import).
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for `device`: bf16 where supported, fp16 otherwise, None on CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
