@@ -50,6 +50,8 @@ class _Setup:
     """Mixed precision on GPU (bf16 or fp16); None trains in float32."""
     scaler: torch.amp.GradScaler | None
     start_epoch: int
+    restored_metrics: dict[str, Any] | None
+    """The metrics of the epoch whose checkpoint the run restored from, if it did."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -104,7 +106,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
                                     steps_per_epoch=steps)
     dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    start_epoch = _restore(raw, optimizer, scheduler, scaler)
+    start_epoch, restored_metrics = _restore(raw, optimizer, scheduler, scaler)
     # Restore before wrapping: DDP broadcasts rank 0's weights to the other ranks at wrap time.
     # Buffers (batch-norm statistics) are not broadcast before every forward pass: that is one
     # more collective per step. `fit` averages them across ranks once per epoch instead.
@@ -114,7 +116,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
         log.info("gradients are averaged through shared memory, not gloo")
     if cfg.train.compile:
         model = torch.compile(model)
-    return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch)
+    return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch, restored_metrics)
 
 
 def _one_cpu_node(device: torch.device) -> bool:
@@ -124,11 +126,12 @@ def _one_cpu_node(device: torch.device) -> bool:
     return device.type == "cpu" and world > 1 and context.get_local_world_size() == world
 
 
-def _restore(raw, optimizer, scheduler, scaler) -> int:
-    """Load the latest checkpoint of this run, if any; returns the first epoch to train."""
+def _restore(raw, optimizer, scheduler, scaler) -> tuple[int, dict[str, Any] | None]:
+    """Load the latest checkpoint of this run, if any; returns the first epoch to train and the
+    metrics of the checkpoint's epoch."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 1
+        return 1, None
     with ckpt.as_directory() as directory:
         try:
             raw.load_state_dict(checkpoint.load_state_dict(directory))
@@ -136,12 +139,13 @@ def _restore(raw, optimizer, scheduler, scaler) -> int:
             raise ValueError("the run's latest checkpoint holds a different model than the config "
                              "asks for; start a new run with another --name") from None
         state = checkpoint.load_train_state(directory)
+        metrics = checkpoint.load_meta(directory).get("metrics")
     optimizer.load_state_dict(state["optimizer"])
     loop.resume_schedule(scheduler, state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     log.info("restored from the checkpoint of epoch %d", state["epoch"])
-    return state["epoch"] + 1
+    return state["epoch"] + 1, metrics
 
 
 def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, steps: int) -> None:
@@ -149,6 +153,11 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     dtype = setup.autocast_dtype
     rank = ray.train.get_context().get_world_rank()
+    if setup.start_epoch > cfg.train.epochs and setup.restored_metrics:
+        # Every epoch was trained, but the run was stopped, perhaps before its last report
+        # reached the driver (the run directory, a Tune search): report that epoch again.
+        _report(setup, spec, {**setup.restored_metrics, "node": _node()}, rank)
+        return
     for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
         started = time.time()
         batches = train_data.batches(cfg.train.batch_size_per_worker(), shuffle=True,
@@ -163,8 +172,12 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
                                                           drop_last=False), autocast_dtype=dtype)
         metrics = _epoch_metrics(epoch, started, train_s, train, val, setup.raw)
         metrics["lr"] = setup.scheduler.get_last_lr()[0]
-        metrics["node"] = ray.get_runtime_context().get_node_id()
+        metrics["node"] = _node()
         _report(setup, spec, metrics, rank)
+
+
+def _node() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 def _average_buffers(model: nn.Module) -> None:

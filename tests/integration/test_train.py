@@ -77,6 +77,30 @@ def test_rerunning_a_name_resumes_at_the_next_epoch(ray_address, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rerun_records_the_last_epoch_whose_report_was_lost(ray_address, tmp_path):
+    """A run stopped after its last checkpoint but before that epoch's report reached the
+    driver (a kill at that moment) has nothing left to train; its rerun records that epoch."""
+    common = ("train", "--recipe", "debug", "--name", "lost", "--storage", str(tmp_path),
+              "--set", "train.epochs=2")
+    first = run_cli(*common, address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "lost"
+    trained = rundir.read_metrics(run_dir)
+    # What the kill leaves: the checkpoint of epoch 2, but no line for it and no result.
+    (run_dir / rundir.METRICS_FILE).write_text(json.dumps(trained[0]) + "\n")
+    (run_dir / rundir.RESULT_FILE).unlink()
+    second = run_cli(*common, address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    recorded = rundir.read_metrics(run_dir)
+    assert [m["epoch"] for m in recorded] == [1, 2]
+    assert recorded[1]["val_accuracy"] == trained[1]["val_accuracy"]
+    assert recorded[1]["train_loss"] == trained[1]["train_loss"]  # not trained again
+    result = rundir.read_result(run_dir)
+    assert result["epochs_completed"] == 2
+    assert result["best_val_accuracy"] == max(m["val_accuracy"] for m in trained)
+
+
+@pytest.mark.slow
 def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_path):
     done = run_cli("train", "--recipe", "debug", "--name", "stream", "--storage", str(tmp_path),
                    "--set", "data.cache_max_mb=0", "--set", "train.epochs=3", address=ray_address)
