@@ -6,14 +6,40 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args: str, address: str | None = None, timeout: float = 300,
             cwd=None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "distdl.cli", *args]
     if address:
         command += ["--address", address]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                              env=env)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"distdl {args[0]} still running after {timeout:.0f} s:\n"
+                    f"{_text(hung.stdout)[-6000:]}\n{_text(hung.stderr)[-3000:]}\n{_ray_state()}")
+
+
+def _text(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def _ray_state() -> str:
+    """What the session's Ray holds, to tell a hang waiting for resources from any other."""
+    import ray
+
+    if not ray.is_initialized():
+        return "(no Ray in the test process)"
+    from ray.util.state import list_actors
+
+    actors = [f"{a.class_name} {a.state} pid={a.pid}" for a in list_actors(limit=200)
+              if a.state != "DEAD"]
+    return (f"available {ray.available_resources()} of {ray.cluster_resources()}\n"
+            "actors not dead:\n  " + "\n  ".join(actors))
 
 
 def fresh_shell_env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 Batch-norm statistics, which distdl does not sync every step, are averaged across ranks."""
 
 import copy
+import signal
 
 import pytest
 import ray.train
@@ -83,12 +84,16 @@ def _batch_norm_statistics(rank):
 @pytest.fixture(scope="module")
 def ddp_run(ray_address, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    ctrl_c = signal.getsignal(signal.SIGINT)
     TorchTrainer(
         _worker,
         train_loop_config={"out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD),
         run_config=ray.train.RunConfig(storage_path=str(out / "storage"), name="ddp"),
     ).fit()
+    # fit() leaves its Ctrl-C handler installed, and the handler holds Ray Train's controller,
+    # which would then live on in the session's Ray through every later test.
+    signal.signal(signal.SIGINT, ctrl_c)
     return out
 
 

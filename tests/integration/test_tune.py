@@ -135,7 +135,9 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = _result(experiment)
     assert len(result["trials"]) == 3
-    assert all(t["status"] == "completed" and t["epochs_run"] == EPOCHS for t in result["trials"])
+    trials = [(t["id"], t["status"], t["epochs_run"]) for t in result["trials"]]
+    assert all(status == "completed" and epochs == EPOCHS for _, status, epochs in trials), (
+        f"{trials}\n{done.stdout[-4000:]}\n{done.stderr[-3000:]}")
     # Finished trials were not run again: no epoch of theirs now, their records untouched.
     assert not finished & set(re.findall(r"(\S+)  epoch ", done.stdout)), done.stdout
     assert {t: (experiment / t / "result.json").read_bytes() for t in finished} == records
