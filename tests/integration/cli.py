@@ -36,10 +36,13 @@ def _ray_state() -> str:
         return "(no Ray in the test process)"
     from ray.util.state import list_actors
 
-    actors = [f"{a.class_name} {a.state} pid={a.pid}" for a in list_actors(limit=200)
-              if a.state != "DEAD"]
-    return (f"available {ray.available_resources()} of {ray.cluster_resources()}\n"
-            "actors not dead:\n  " + "\n  ".join(actors))
+    try:
+        actors = [f"{a.class_name} {a.state} pid={a.pid}" for a in list_actors(limit=200)
+                  if a.state != "DEAD"]
+        return (f"available {ray.available_resources()} of {ray.cluster_resources()}\n"
+                "actors not dead:\n  " + "\n  ".join(actors))
+    except Exception as exc:  # the hang's report must not be lost to a second failure
+        return f"(Ray's state could not be read: {exc})"
 
 
 def fresh_shell_env() -> dict[str, str]:
