@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from distdl.config import Config
 from distdl.train import trainer
@@ -31,7 +31,17 @@ def run_trial(sampled: dict[str, Any], *, base: Config, data: PreparedData, stor
     context = tune.get_context()
     cfg = space.apply(base, sampled)
     storage = trial_storage(storage, context.get_experiment_name(), context.get_trial_id())
-    trial_trainer(cfg, data, storage=storage, callbacks=[TuneReportCallback()]).fit()
+    result = trial_trainer(cfg, data, storage=storage, callbacks=[TuneReportCallback()]).fit()
+    _report_last_epoch(result)
+
+
+def _report_last_epoch(result) -> None:
+    """Tune can lose the report of a trial's last epoch when training ends right after it (seen:
+    a trial recorded with 3 of its 4 epochs, no error). The trial driver reports that epoch
+    once more itself; the search's records keep one row per epoch."""
+    if result.metrics:
+        path = result.checkpoint.path if result.checkpoint else None
+        tune.report({**result.metrics, CHECKPOINT_PATH_KEY: path})
 
 
 def trial_trainer(cfg: Config, data: PreparedData, *, storage: str,

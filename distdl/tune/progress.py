@@ -20,14 +20,19 @@ class TrialPrinter(tune.Callback):
     def __init__(self, metric: str, emit: Callable[[str], None] = print):
         self.metric, self.emit = metric, emit
         self._started = time.time()
+        self._printed: dict[str, Any] = {}  # trial id -> the epoch last printed
 
     def setup(self, **info: Any) -> None:
         self._started = time.time()
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        epoch = result.get("epoch", "?")
+        if self._printed.get(trial.trial_id) == epoch:
+            return  # the trial driver's repeat of its last epoch (driver.py)
+        self._printed[trial.trial_id] = epoch
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-        self.emit(f"{self._clock()}  {trial.trial_id}  epoch {result.get('epoch', '?'):>3}  "
+        self.emit(f"{self._clock()}  {trial.trial_id}  epoch {epoch:>3}  "
                   f"{self.metric} {shown}  | {_counts(trials)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
