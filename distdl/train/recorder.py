@@ -19,8 +19,16 @@ class EpochRecorder(ray.train.UserCallback):
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+        self._last_epoch: int | None = None  # the last epoch this recorder wrote
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         line = dict(metrics[0])
         line["nodes"] = [m.get("node", "") for m in metrics]
-        rundir.record_epoch(self.run_dir, line)
+        if self._last_epoch is not None and line["epoch"] == self._last_epoch + 1:
+            # The usual case, appended: rewriting the file each epoch made a long run's
+            # recording grow with its length (a quarter of the controller's CPU by epoch 125).
+            rundir.append_epoch(self.run_dir, line)
+        else:
+            # The run's first report, or an epoch trained again after a restore.
+            rundir.record_epoch(self.run_dir, line)
+        self._last_epoch = line["epoch"]

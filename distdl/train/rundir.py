@@ -31,7 +31,7 @@ def changed_sections(run_dir: Path, config: dict[str, Any], sections: tuple[str,
 
 
 def record_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Add one epoch's line, replacing any lines of this epoch or later.
+    """Add one epoch's line, replacing any lines of this epoch or later (a rewrite of the file).
 
     After a restore from the checkpoint of epoch k, epochs k+1... run again; dropping their old
     lines keeps exactly one line per epoch.
@@ -43,11 +43,19 @@ def record_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
     tmp.replace(run_dir / METRICS_FILE)
 
 
+def append_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Add the line of the epoch after the last one recorded: one write, however long the run."""
+    with (run_dir / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A line counts once its newline is written: a reader may see a line being appended.
+    *complete, _partial = path.read_text().split("\n")
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:
