@@ -256,25 +256,39 @@ def _config(args):
 def cmd_train(args) -> int:
     from distdl import runtime
     from distdl.progress import EpochPrinter
-    from distdl.train import trainer
+    from distdl.train import rundir, trainer
 
     cfg = _config(args)
     run_dir = Path(args.output) if args.output else trainer.default_run_dir(args.storage, cfg.name)
+    recorded = trainer.epochs_recorded(cfg, run_dir)
+    if trainer.finished(cfg, run_dir):
+        print(f"run '{cfg.name}' has trained {recorded} epochs already, so there is nothing to "
+              f"train: --set train.epochs=N (more than {recorded}) continues it, --name starts "
+              "another")
+        _print_result(rundir.read_result(run_dir), run_dir)
+        return 0
     runtime.connect(args.address, num_cpus=runtime.local_cpus(
         cfg.train.num_workers * cfg.train.cpus_per_worker))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
+    if recorded:
+        print(f"continuing run '{cfg.name}' from its latest checkpoint ({recorded} of "
+              f"{cfg.train.epochs} epochs recorded)")
     try:
         with EpochPrinter(run_dir, cfg.train.epochs):
             result = trainer.train(cfg, storage=args.storage, run_dir=run_dir)
     except trainer.TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
+    _print_result(result, run_dir)
+    return 0
+
+
+def _print_result(result: dict, run_dir: Path) -> None:
     print(f"best validation accuracy {result['best_val_accuracy']:.4f} after "
           f"{result['epochs_completed']} epochs in {result['wall_s']:.1f} s")
     print(f"best checkpoint: {result['best_checkpoint']}")
     print(f"run directory:   {run_dir}")
-    return 0
 
 
 def cmd_tune(args) -> int:

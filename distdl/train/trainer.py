@@ -121,15 +121,28 @@ def build_trainer(
     )
 
 
+def epochs_recorded(cfg: Config, run_dir: Path) -> int:
+    """The last epoch the run directory records of this run (0 for a new run); a run that
+    cannot be resumed with `cfg` is a UserError. Needs no Ray."""
+    previous = rundir.read_metrics(run_dir)
+    if not previous:
+        return 0
+    _check_resumable(cfg, run_dir)
+    return previous[-1]["epoch"]
+
+
+def finished(cfg: Config, run_dir: Path) -> bool:
+    """Whether the run has trained all of `cfg`'s epochs and recorded its result."""
+    done = epochs_recorded(cfg, run_dir) >= cfg.train.epochs
+    return done and (run_dir / rundir.RESULT_FILE).is_file()
+
+
 def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) training for `cfg`; write the run directory and return result.json."""
     started = time.time()
     storage = normalize_storage(storage)
-    previous = rundir.read_metrics(run_dir)
-    if previous:
-        _check_resumable(cfg, run_dir)
-        if previous[-1]["epoch"] >= cfg.train.epochs and (run_dir / rundir.RESULT_FILE).is_file():
-            return rundir.read_result(run_dir)  # nothing left to train
+    if finished(cfg, run_dir):
+        return rundir.read_result(run_dir)
     runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data = prepare_data(cfg)
     rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())

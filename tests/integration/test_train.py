@@ -73,7 +73,13 @@ def test_rerunning_a_name_resumes_at_the_next_epoch(ray_address, tmp_path):
     assert [m["epoch"] for m in after] == [1, 2, 3, 4]
     assert after[:2] == before  # epochs 1 and 2 were not trained again
     assert "epoch   1/4" not in second.stdout and "epoch   3/4" in second.stdout
+    assert "continuing run 'resume' from its latest checkpoint (2 of 4 epochs" in second.stdout
     assert rundir.read_result(tmp_path / "resume")["epochs_completed"] == 4
+    third = run_cli(*common, "--set", "train.epochs=4", address=ray_address)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "has trained 4 epochs already, so there is nothing to train" in third.stdout
+    assert "training small_cnn" not in third.stdout  # decided before joining Ray
+    assert rundir.read_metrics(tmp_path / "resume") == after
 
 
 @pytest.mark.slow
