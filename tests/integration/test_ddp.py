@@ -13,7 +13,6 @@ from torch import nn
 from distdl.config import ModelConfig, OptimConfig
 from distdl.models import build_model
 from distdl.train import loop, shm_allreduce
-from distdl.train.shard import InMemoryShard
 from distdl.train.worker import _average_buffers
 
 STEPS, LOCAL_BATCH, WORLD = 4, 16, 2

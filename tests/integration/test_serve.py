@@ -3,7 +3,6 @@ Ray, HTTP on 127.0.0.1, the model trained by the session's default `distdl train
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import signal
