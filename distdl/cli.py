@@ -256,19 +256,20 @@ def _config(args):
 def cmd_train(args) -> int:
     from distdl import runtime
     from distdl.progress import EpochPrinter
-    from distdl.train import rundir, trainer
+    from distdl.train import rundir
 
     cfg = _config(args)
-    run_dir = Path(args.output) if args.output else trainer.default_run_dir(args.storage, cfg.name)
-    recorded = trainer.epochs_recorded(cfg, run_dir)
-    if trainer.finished(cfg, run_dir):
+    run_dir = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
+    recorded = rundir.epochs_recorded(cfg, run_dir)
+    if rundir.finished(cfg, run_dir):
         print(f"run '{cfg.name}' has trained {recorded} epochs already, so there is nothing to "
               f"train: --set train.epochs=N (more than {recorded}) continues it, --name starts "
               "another")
         _print_result(rundir.read_result(run_dir), run_dir)
         return 0
-    runtime.connect(args.address, num_cpus=runtime.local_cpus(
-        cfg.train.num_workers * cfg.train.cpus_per_worker))
+    runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
+    from distdl.train import trainer
+
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
     if recorded:
@@ -293,14 +294,15 @@ def _print_result(result: dict, run_dir: Path) -> None:
 
 def cmd_tune(args) -> int:
     from distdl import runtime
-    from distdl.train import trainer
-    from distdl.tune import report, space, tuner
+    from distdl.train import rundir
+    from distdl.tune import space
 
     cfg = _config(args)
     params = space.parse(cfg)
-    output = Path(args.output) if args.output else trainer.default_run_dir(args.storage, cfg.name)
-    runtime.connect(args.address, num_cpus=runtime.local_cpus(tuner.trial_cpus(cfg.train)),
+    output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
+    runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()),
                     dashboard=True)
+    from distdl.tune import report, tuner
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
           f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
           f"{cfg.tune.scheduler} scheduler, workers per trial: {cfg.train.num_workers}")

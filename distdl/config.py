@@ -129,6 +129,10 @@ class TrainConfig:
     def batch_size_per_worker(self) -> int:
         return self.batch_size // self.num_workers
 
+    def worker_cpus(self) -> float:
+        """CPUs the run's worker group holds (its driver holds none)."""
+        return self.num_workers * self.cpus_per_worker
+
 
 # What each epoch reports (distdl/train/worker.py): the metrics a search can select on.
 TRAINING_METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_s", "epoch_s", "lr")

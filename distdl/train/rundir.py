@@ -8,10 +8,38 @@ from typing import Any
 
 import yaml
 
+from distdl.config import Config
+from distdl.errors import UserError
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CURVES_FILE = "curves.png"
+
+
+def default_run_dir(storage: str, name: str) -> Path:
+    """STORAGE/NAME for local storage (checkpoints and run files side by side), else ./runs/NAME."""
+    if "://" in storage:
+        return Path("runs") / name
+    return Path(storage).expanduser().resolve() / name
+
+
+def epochs_recorded(cfg: Config, run_dir: Path) -> int:
+    """The last epoch the run directory records (0 for a new run). A rerun resumes from the
+    run's checkpoints, which only fit the same model and data: other ones are a UserError."""
+    previous = read_metrics(run_dir)
+    if not previous:
+        return 0
+    changed = changed_sections(run_dir, cfg.to_dict(), ("model", "data"))
+    if changed:
+        raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other {' and '.join(changed)} "
+                        "settings, so it cannot be resumed with these; choose another --name")
+    return previous[-1]["epoch"]
+
+
+def finished(cfg: Config, run_dir: Path) -> bool:
+    """Whether the run has trained all of `cfg`'s epochs and recorded its result."""
+    return epochs_recorded(cfg, run_dir) >= cfg.train.epochs and (run_dir / RESULT_FILE).is_file()
 
 
 def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, Any]) -> None:

@@ -121,27 +121,11 @@ def build_trainer(
     )
 
 
-def epochs_recorded(cfg: Config, run_dir: Path) -> int:
-    """The last epoch the run directory records of this run (0 for a new run); a run that
-    cannot be resumed with `cfg` is a UserError. Needs no Ray."""
-    previous = rundir.read_metrics(run_dir)
-    if not previous:
-        return 0
-    _check_resumable(cfg, run_dir)
-    return previous[-1]["epoch"]
-
-
-def finished(cfg: Config, run_dir: Path) -> bool:
-    """Whether the run has trained all of `cfg`'s epochs and recorded its result."""
-    done = epochs_recorded(cfg, run_dir) >= cfg.train.epochs
-    return done and (run_dir / rundir.RESULT_FILE).is_file()
-
-
 def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     """Run (or resume) training for `cfg`; write the run directory and return result.json."""
     started = time.time()
     storage = normalize_storage(storage)
-    if finished(cfg, run_dir):
+    if rundir.finished(cfg, run_dir):
         return rundir.read_result(run_dir)
     runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data = prepare_data(cfg)
@@ -161,14 +145,6 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _check_resumable(cfg: Config, run_dir: Path) -> None:
-    """A rerun resumes from the run's checkpoints, which only fit the same model and data."""
-    changed = rundir.changed_sections(run_dir, cfg.to_dict(), ("model", "data"))
-    if changed:
-        raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other {' and '.join(changed)} "
-                        "settings, so it cannot be resumed with these; choose another --name")
-
-
 def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: str,
               started: float, *, skipped: int) -> dict[str, Any]:
     best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_accuracy"], default=None)
@@ -182,13 +158,6 @@ def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: 
         "skipped_images": skipped,
         "storage": storage,
     }
-
-
-def default_run_dir(storage: str, name: str) -> Path:
-    """STORAGE/NAME for local storage (checkpoints and run files side by side), else ./runs/NAME."""
-    if "://" in storage:
-        return Path("runs") / name
-    return Path(storage).expanduser().resolve() / name
 
 
 def normalize_storage(storage: str) -> str:

@@ -35,11 +35,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 
 
-def trial_cpus(train: TrainConfig) -> float:
-    """CPUs one trial's workers hold; its driver holds none."""
-    return train.num_workers * train.cpus_per_worker
-
-
 def concurrent_trials(train: TrainConfig, cap: int) -> int:
     """Trials whose worker groups the cluster can place at once, at most `cap` (0: no cap).
 
@@ -49,7 +44,7 @@ def concurrent_trials(train: TrainConfig, cap: int) -> int:
     import ray
 
     total = ray.cluster_resources()
-    fits = int((total.get("CPU", 0.0) - 1) // trial_cpus(train))
+    fits = int((total.get("CPU", 0.0) - 1) // train.worker_cpus())
     if train.use_gpu:
         fits = min(fits, int(total.get("GPU", 0.0) // train.num_workers))
     fits = max(fits, 1)  # check_placeable has shown that one trial fits
