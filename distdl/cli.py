@@ -272,12 +272,16 @@ def cmd_train(args) -> int:
 
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
+    storage = trainer.normalize_storage(args.storage)
     if recorded:
         print(f"continuing run '{cfg.name}' from its latest checkpoint ({recorded} of "
               f"{cfg.train.epochs} epochs recorded)")
+    elif trainer.has_checkpoints(storage, cfg.name):
+        print(f"continuing run '{cfg.name}' from its latest checkpoint in {storage}/{cfg.name}, "
+              f"although {run_dir} records none of its epochs; --name starts a new run")
     try:
         with EpochPrinter(run_dir, cfg.train.epochs):
-            result = trainer.train(cfg, storage=args.storage, run_dir=run_dir)
+            result = trainer.train(cfg, storage=storage, run_dir=run_dir)
     except trainer.TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1

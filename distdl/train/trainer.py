@@ -160,6 +160,20 @@ def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: 
     }
 
 
+def has_checkpoints(storage: str, name: str) -> bool:
+    """Whether `storage` (normalized) holds checkpoints of run `name`, which Ray Train resumes."""
+    if "://" in storage:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), storage
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+    except OSError:  # unreadable storage: training reports that itself, in its own words
+        return False
+    return any(info.type == pyarrow.fs.FileType.Directory
+               and info.base_name.startswith("checkpoint_") for info in found)
+
+
 def normalize_storage(storage: str) -> str:
     """An absolute local path, or a URI that pyarrow can open (s3://, gs://, ...)."""
     if "://" not in storage:

@@ -104,6 +104,11 @@ def test_a_rerun_records_the_last_epoch_whose_report_was_lost(ray_address, tmp_p
     result = rundir.read_result(run_dir)
     assert result["epochs_completed"] == 2
     assert result["best_val_accuracy"] == max(m["val_accuracy"] for m in trained)
+    # The same name with a run directory elsewhere still resumes from the stored checkpoints.
+    elsewhere = run_cli(*common, "--output", str(tmp_path / "elsewhere"), address=ray_address)
+    assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
+    assert (f"continuing run 'lost' from its latest checkpoint in {tmp_path}/lost, although "
+            f"{tmp_path / 'elsewhere'} records none of its epochs") in elsewhere.stdout
 
 
 @pytest.mark.slow
