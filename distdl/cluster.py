@@ -103,7 +103,11 @@ def _head_args(state: dict[str, Any]) -> list[str]:
 
 
 def _worker_args(state: dict[str, Any], name: str) -> list[str]:
-    return [f"--address={state['gcs_address']}", f"--resources={json.dumps({name: 1})}"]
+    # A temp dir of its own, as on a machine of its own: sharing the head's, a node's agent
+    # unpacked each job's working directory again as the job's driver started, deleting it
+    # first, under the running driver (seen as ImportErrors of modules imported late).
+    return [f"--address={state['gcs_address']}", f"--resources={json.dumps({name: 1})}",
+            f"--temp-dir={state['temp_dir']}/{name}"]
 
 
 def node_env(state: dict[str, Any]) -> dict[str, str]:

@@ -94,6 +94,18 @@ def test_plain_ray_job_submit(local_cluster, cluster_env):
     assert len(set(result["worker_nodes"])) == 2 and result["epochs_completed"] == 2
 
 
+def test_a_jobs_working_directory_stays_while_its_driver_joins(local_cluster, cluster_env):
+    """Each node has its own temp dir: sharing the head's, the worker nodes' agents unpacked a
+    job's package again as its driver joined, deleting it first under the running driver."""
+    ray = str(Path(sys.executable).parent / "ray")
+    run = subprocess.run(
+        [ray, "job", "submit", "--address", local_cluster["dashboard_url"], "--working-dir", ".",
+         "--", "python", "tests/cluster/workdir_probe.py"],
+        capture_output=True, text=True, timeout=240, env=cluster_env, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "vanished 0 times" in run.stdout
+
+
 def test_bad_arguments_fail_with_their_error_line(local_cluster, cluster_env):
     run = distdl("submit", "--address", local_cluster["dashboard_url"], "--",
                  "train", "--recipe", "no_such_recipe", env=cluster_env, cwd=REPO)
