@@ -267,9 +267,9 @@ def cmd_train(args) -> int:
               "another")
         _print_result(rundir.read_result(run_dir), run_dir)
         return 0
-    runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
-    from distdl.train import trainer
+    from distdl.train import trainer  # torch and Ray Train: a finished run needs neither
 
+    runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
     storage = trainer.normalize_storage(args.storage)
@@ -299,14 +299,13 @@ def _print_result(result: dict, run_dir: Path) -> None:
 def cmd_tune(args) -> int:
     from distdl import runtime
     from distdl.train import rundir
-    from distdl.tune import space
+    from distdl.tune import report, space, tuner
 
     cfg = _config(args)
     params = space.parse(cfg)
     output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()),
                     dashboard=True)
-    from distdl.tune import report, tuner
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
           f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
           f"{cfg.tune.scheduler} scheduler, workers per trial: {cfg.train.num_workers}")
