@@ -37,12 +37,12 @@ def client(address: str | None):
     if "://" not in address:
         address = f"http://{address}"
     _probe(address)
-    # The upload's INFO lines (packaging, ignored files) are not for the person submitting.
-    logging.getLogger("ray").setLevel(logging.WARNING)
     # Token mode must be on before Ray's token loader is first asked, or it sends no token.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    _quiet_upload()
 
     try:
         return JobSubmissionClient(address)
@@ -50,6 +50,17 @@ def client(address: str | None):
         raise UserError(_auth_line(address, exc)) from None
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"the Ray jobs API at {address} failed: {_first_line(exc)}") from None
+
+
+def _quiet_upload() -> None:
+    """The upload's INFO lines (packaging, ignored files) are not for the person submitting,
+    nor Ray's notice that it now leaves out .git and .venv, which distdl never uploads.
+    Set after importing Ray, which sets its loggers' levels as it is imported."""
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk",
+                 "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(
+        lambda record: "is now ignored by default" not in record.getMessage())
 
 
 def _probe(address: str) -> None:

@@ -53,6 +53,8 @@ def test_submit_follow_trains_on_two_nodes(local_cluster, cluster_env):
                  env=cluster_env, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "epoch   2/2" in run.stdout and "SUCCEEDED" in run.stdout
+    for noise in ("Ignoring upload", "Uploading package", "is now ignored by default"):
+        assert noise not in run.stdout + run.stderr  # Ray's packaging lines, not for the user
     result = json.loads((Path(storage) / "submitted" / "result.json").read_text())
     assert len(set(result["worker_nodes"])) == 2
     assert Path(result["best_checkpoint"]).parent == Path(storage) / "submitted"
