@@ -261,7 +261,7 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     run_dir = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     recorded = rundir.epochs_recorded(cfg, run_dir)
-    if rundir.finished(cfg, run_dir):
+    if rundir.finished(run_dir, recorded, cfg.train.epochs):
         print(f"run '{cfg.name}' has trained {recorded} epochs already, so there is nothing to "
               f"train: --set train.epochs=N (more than {recorded}) continues it, --name starts "
               "another")

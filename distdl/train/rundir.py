@@ -37,9 +37,9 @@ def epochs_recorded(cfg: Config, run_dir: Path) -> int:
     return previous[-1]["epoch"]
 
 
-def finished(cfg: Config, run_dir: Path) -> bool:
-    """Whether the run has trained all of `cfg`'s epochs and recorded its result."""
-    return epochs_recorded(cfg, run_dir) >= cfg.train.epochs and (run_dir / RESULT_FILE).is_file()
+def finished(run_dir: Path, recorded: int, epochs: int) -> bool:
+    """Whether a run directory recording `recorded` epochs has all `epochs` and its result."""
+    return recorded >= epochs and (run_dir / RESULT_FILE).is_file()
 
 
 def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, Any]) -> None:

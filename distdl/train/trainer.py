@@ -122,11 +122,13 @@ def build_trainer(
 
 
 def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) training for `cfg`; write the run directory and return result.json."""
+    """Run (or resume) training for `cfg`; write the run directory and return result.json.
+
+    The caller answers a finished run itself (rundir.finished): `distdl train` does so before
+    starting Ray.
+    """
     started = time.time()
     storage = normalize_storage(storage)
-    if rundir.finished(cfg, run_dir):
-        return rundir.read_result(run_dir)
     runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data = prepare_data(cfg)
     rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())
