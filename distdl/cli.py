@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue the interrupted search of the same --name and --storage")
 
     evaluate = sub.add_parser("evaluate", help="accuracy, per-class accuracy, confusion matrix")
-    evaluate.add_argument("checkpoint", help="a distdl checkpoint directory (or URI)")
+    evaluate.add_argument("checkpoint", help="a distdl checkpoint directory (or URI), or the run "
+                          "directory of distdl train or tune, for its best checkpoint")
     evaluate.add_argument("--data", help="dataset to score (default: the validation split of the "
                                          "checkpoint's own dataset)")
     evaluate.add_argument("--output", default="evaluation",
@@ -102,7 +103,8 @@ def _bench_parsers(sub) -> None:
     bench_serve = bench_sub.add_parser("serve", help="Serve batched and unbatched vs bare FastAPI")
     bench_serve.add_argument("--model", default="digits", choices=["digits", "resnet18"],
                              help="digits (small_cnn, 8x8) or resnet18 (shapes, 32x32)")
-    bench_serve.add_argument("--checkpoint", help="serve this checkpoint instead")
+    bench_serve.add_argument("--checkpoint", help="serve this checkpoint (or run directory's "
+                             "best) instead")
     bench_serve.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     bench_serve.add_argument("--seconds", type=float, default=15.0, help="per measurement (15)")
     bench_serve.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
@@ -123,8 +125,9 @@ def _batch_wait(text: str) -> float | str:
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                        help="checkpoint directory, or NAME=DIR to mount it at /NAME "
-                             "(default: its task's prefix, /vision)")
+                        help="checkpoint directory (or a run directory, for its best "
+                             "checkpoint), or NAME=DIR to mount it at /NAME (default: its "
+                             "task's prefix, /vision)")
     scale = parser.add_argument_group("replicas")
     scale.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
     scale.add_argument("--min-replicas", type=int, help="autoscale from this many replicas ...")
@@ -179,7 +182,8 @@ def _serve_parsers(sub) -> None:
 
     update = sub.add_parser("serve update", help="swap the model of a running application")
     update.add_argument("name", help="the application, e.g. vision")
-    update.add_argument("--checkpoint", required=True, help="the new checkpoint directory")
+    update.add_argument("--checkpoint", required=True,
+                        help="the new checkpoint directory, or a run directory")
     _ray_args(update)
 
     query = sub.add_parser("query", help="send images or a JSON file to a distdl endpoint")
@@ -327,9 +331,9 @@ def cmd_tune(args) -> int:
 def cmd_evaluate(args) -> int:
     from distdl import evaluate, runtime
 
-    evaluate.check_exists(args.checkpoint)  # before the seconds that starting Ray takes
+    checkpoint = evaluate.locate(args.checkpoint)  # before the seconds that starting Ray takes
     runtime.connect(args.address)
-    report = evaluate.evaluate(args.checkpoint, data=args.data, output=Path(args.output))
+    report = evaluate.evaluate(checkpoint, data=args.data, output=Path(args.output))
     print(evaluate.format_report(report))
     print(f"confusion matrix: {Path(args.output) / evaluate.CONFUSION_FILE}")
     return 0

@@ -22,6 +22,7 @@ def evaluate(checkpoint_path: str, *, data: str | None, output: Path) -> dict[st
     """Score the checkpoint's validation split, or every image of `data` when given."""
     from distdl.data.sources import load_images
 
+    checkpoint_path = locate(checkpoint_path)
     predictor = _load(checkpoint_path)
     data_cfg = DataConfig(**predictor.meta["data"])
     if data:
@@ -48,14 +49,20 @@ def _load(path: str) -> Predictor:
 
         with ray.train.Checkpoint(path).as_directory() as local:
             return Predictor.from_checkpoint(local)
-    check_exists(path)
     return Predictor.from_checkpoint(path)
 
 
-def check_exists(path: str) -> None:
-    """A local checkpoint path must exist (a URI is checked as it is read)."""
-    if "://" not in path and not Path(path).exists():
-        raise UserError(f"checkpoint not found: {path}")
+def locate(path: str) -> str:
+    """The checkpoint that `path` names (itself, or a run's best), checked as far as it can be
+    without Ray: a local one must exist and hold readable metadata; a URI is checked as read."""
+    from distdl.train import checkpoint
+
+    path = checkpoint.resolve(path)
+    if "://" not in path:
+        if not Path(path).exists():
+            raise UserError(f"checkpoint not found: {path}")
+        checkpoint.load_meta(path)
+    return path
 
 
 def confusion(predictor: Predictor, dataset) -> np.ndarray:

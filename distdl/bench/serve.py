@@ -195,7 +195,7 @@ def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threa
 def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         max_batch_size: int, batch_wait_ms: float | str, threads: int | None,
         port: int) -> dict[str, Any]:
-    from distdl.train.checkpoint import load_meta
+    from distdl.train.checkpoint import load_meta, resolve
 
     if model not in MODELS:
         raise UserError(f"unknown benchmark model {model!r}; choose one of: {', '.join(MODELS)}")
@@ -203,7 +203,7 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         raise UserError("--clients must be at least 1 and --seconds above 0")
     threads = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as scratch:
-        ckpt = checkpoint or make_checkpoint(model, Path(scratch))
+        ckpt = resolve(checkpoint) if checkpoint else make_checkpoint(model, Path(scratch))
         bodies = _pngs(load_meta(ckpt)["input_shape"])
         report = {}
         for ingress in ("haproxy", "direct"):

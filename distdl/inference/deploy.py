@@ -50,17 +50,19 @@ class ServeOptions:
 
 
 def mount(spec: str) -> tuple[str, str]:
-    """`NAME=PATH` or `PATH` -> (application name, absolute checkpoint path), checked to load."""
+    """`NAME=PATH` or `PATH` -> (application name, absolute checkpoint path), checked to load.
+    PATH is a checkpoint directory, or a run directory for its best checkpoint."""
     from distdl.train import checkpoint
 
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = "", spec
+    path = checkpoint.resolve(path)
     directory = Path(path).expanduser().resolve()
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"
         raise UserError(f"checkpoint {path} {problem}: give the checkpoint directory that "
-                        "holds model.pt and meta.json")
+                        "holds model.pt and meta.json, or the run directory that names it")
     _, meta = checkpoint.load_model(directory)  # a corrupt checkpoint fails here, not in a replica
     task = meta.get("task", "image_classification")
     if task not in PREFIXES:

@@ -20,11 +20,15 @@ from torch import nn
 import distdl
 from distdl.config import DataConfig, ModelConfig
 from distdl.errors import UserError
+from distdl.train import rundir
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
+# What `distdl tune` writes in its output folder at the end. It, and result.json in the run
+# directory of `distdl train`, name the best checkpoint, so either folder can stand for it.
+TUNE_RESULT_FILE = "tune_result.json"
 
 
 def make_meta(
@@ -65,6 +69,28 @@ def save(
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE_FILE)
     return directory
+
+
+def resolve(path: str) -> str:
+    """`path`, or for a folder that `distdl train` or `distdl tune` wrote, its best checkpoint:
+    users point at `runs/NAME` as readily as at the checkpoint inside it."""
+    directory = Path(path).expanduser()
+    if "://" in path or (directory / META_FILE).is_file():
+        return path
+    for name in (rundir.RESULT_FILE, TUNE_RESULT_FILE):
+        if (directory / name).is_file():
+            return _best_checkpoint(directory / name)
+    return path
+
+
+def _best_checkpoint(result_file: Path) -> str:
+    try:
+        best = json.loads(result_file.read_text()).get("best_checkpoint")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"cannot read {result_file}: {exc}") from None
+    if not best:
+        raise UserError(f"{result_file} names no best checkpoint: that run saved none")
+    return best
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:

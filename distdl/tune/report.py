@@ -16,9 +16,9 @@ from typing import Any
 import pyarrow.fs
 
 from distdl.errors import failure_line
+from distdl.train.checkpoint import TUNE_RESULT_FILE as RESULT_FILE
 from distdl.train.trainer import checkpoint_uri
 
-RESULT_FILE = "tune_result.json"
 TRIALS_FILE = "trials.csv"
 CURVES_FILE = "tune_curves.png"
 

@@ -78,3 +78,7 @@ def test_evaluating_a_missing_checkpoint_is_one_line(tmp_path):
     done = run_cli("evaluate", str(tmp_path / "nothing"), timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.splitlines() == [f"error: checkpoint not found: {tmp_path / 'nothing'}"]
+    empty = run_cli("evaluate", str(tmp_path), timeout=60)
+    assert empty.returncode == 2, empty.stderr[-2000:]
+    assert empty.stderr.splitlines() == [
+        f"error: not a distdl checkpoint: {tmp_path} has no meta.json"]

@@ -300,13 +300,14 @@ def test_overload_gets_503_with_retry_after_quickly(ray_address, served, slow_ch
 
 
 def test_serve_build_writes_a_config_that_validates_and_deploys_and_autoscales(
-        ray_address, served, checkpoints, validation, tmp_path):
-    """Last in the module: `serve deploy` replaces every application with the file's."""
+        ray_address, served, digits_run, checkpoints, validation, tmp_path):
+    """Last in the module: `serve deploy` replaces every application with the file's. It is
+    given the run directory, which stands for the run's best checkpoint."""
     import ray
     from ray.serve.schema import ServeDeploySchema
 
     out = tmp_path / "serve.yaml"
-    done = run_cli("serve", "build", f"built={checkpoints[0]}", "--port", str(PORT),
+    done = run_cli("serve", "build", f"built={digits_run[0]}", "--port", str(PORT),
                    "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2",
                    "--access-log", "-o", str(out))
     assert done.returncode == 0, done.stderr

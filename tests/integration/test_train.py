@@ -48,13 +48,15 @@ def test_checkpoint_loads_with_weights_only_and_metadata_round_trips(digits_run)
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_reported_accuracy(digits_run, ray_address, tmp_path):
-    """From a new terminal's environment: joining a Ray on 127.0.0.1 by its address works."""
+    """From a new terminal's environment: joining a Ray on 127.0.0.1 by its address works. The
+    run directory stands for its best checkpoint."""
     run_dir, _ = digits_run
     result = rundir.read_result(run_dir)
-    done = run_cli("evaluate", result["best_checkpoint"], "--output", str(tmp_path),
+    done = run_cli("evaluate", str(run_dir), "--output", str(tmp_path),
                    address=ray_address, env=fresh_shell_env())
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["checkpoint"] == result["best_checkpoint"]
     assert report["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
     assert sum(row["count"] for row in report["per_class"].values()) == report["examples"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 0

@@ -71,10 +71,10 @@ def test_asha_stops_a_poor_trial_before_its_last_epoch(lr_search):
 def test_best_checkpoint_evaluates_to_the_reported_accuracy(lr_search, ray_address, tmp_path):
     run_dir, _ = lr_search
     result = _result(run_dir)
-    done = run_cli("evaluate", result["best_checkpoint"], "--output", str(tmp_path),
-                   address=ray_address)
+    done = run_cli("evaluate", str(run_dir), "--output", str(tmp_path), address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["checkpoint"] == result["best_checkpoint"]  # the search's folder stands for it
     assert evaluation["accuracy"] == pytest.approx(result["best_val_accuracy"], abs=1e-9)
 
 

@@ -42,3 +42,27 @@ def test_metrics_keep_one_line_per_epoch_when_epochs_rerun(tmp_path):
         rundir.record_epoch(tmp_path, {"epoch": epoch, "started_at": started})
     assert rundir.read_metrics(tmp_path) == [{"epoch": 1, "started_at": 10.0},
                                              {"epoch": 2, "started_at": 40.0}]
+
+
+def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint_1"
+    checkpoint.save(ckpt, build_model(ModelConfig(width=8), num_classes=3, in_channels=1,
+                                      image_size=8), _meta())
+    assert checkpoint.resolve(str(ckpt)) == str(ckpt)
+    rundir.write_result(tmp_path / "run", {"best_checkpoint": str(ckpt)})
+    assert checkpoint.resolve(str(tmp_path / "run")) == str(ckpt)
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / checkpoint.TUNE_RESULT_FILE).write_text(json.dumps({"best_checkpoint": "s3://b/c"}))
+    assert checkpoint.resolve(str(search)) == "s3://b/c"
+    assert checkpoint.resolve(str(tmp_path / "missing")) == str(tmp_path / "missing")
+    assert checkpoint.resolve("s3://bucket/run") == "s3://bucket/run"
+
+
+def test_a_run_directory_without_a_checkpoint_is_a_user_error(tmp_path):
+    rundir.write_result(tmp_path, {"best_checkpoint": None})
+    with pytest.raises(UserError, match="names no best checkpoint"):
+        checkpoint.resolve(str(tmp_path))
+    (tmp_path / rundir.RESULT_FILE).write_text("{torn")
+    with pytest.raises(UserError, match="cannot read"):
+        checkpoint.resolve(str(tmp_path))
