@@ -523,6 +523,8 @@ def cmd_serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping: the replicas answer the requests they hold (Ctrl-C again quits now)",
+              file=sys.stderr, flush=True)
         deploy.stop([name for name, _ in mounts], local=local)
         print("stopped", file=sys.stderr)
     return 0

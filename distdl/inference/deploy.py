@@ -8,6 +8,7 @@ through Serve's declarative path too, so `serve update` changes only a deploymen
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from typing import Any
 from distdl.errors import UserError, error_line, failure_line
 from distdl.inference import BATCH_WAIT_MS, MAX_BATCH_SIZE, TOP_K, haproxy
 from distdl.inference.inputs import Limits
+
+log = logging.getLogger(__name__)
 
 API_KEY_ENV = "DISTDL_API_KEY"  # read by the replicas: when set, requests must carry it
 # A replica's forward pass shares the cores with its own request handling. OpenMP's default
@@ -146,6 +149,9 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
     """
     from ray.serve._private.api import serve_start
 
+    # Importing Serve sets its logger to INFO, whose "Started Serve in namespace" line would
+    # come before distdl's own output; its warnings still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     http = config["http_options"]
     try:
         client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
@@ -307,10 +313,28 @@ def stop(names: list[str], *, local: bool) -> None:
     on a shared cluster only these applications go."""
     from ray import serve
 
-    if local:
-        serve.shutdown()
-        return
+    # Deleting an application lets its replicas finish what they hold; shutting Serve down
+    # kills its proxies at once, with whatever they are answering.
     for name in names:
         serve.delete(name)
     if set(serve.status().applications) == {HEALTH_APP}:
         serve.delete(HEALTH_APP)
+    if local:
+        _shut_down_local_serve()
+
+
+def _shut_down_local_serve() -> None:
+    """What serve.shutdown() does, less a line of Ray's on the console: Serve's call to its
+    controller ends, by design, with the controller's death, and as the call may be retried Ray
+    prints "Task ServeController.graceful_shutdown failed ... will be retried". Made without
+    retries, the same call ends the same way, silently."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    try:
+        ray.get(controller.graceful_shutdown.options(max_task_retries=0).remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        pass  # the controller exits once the applications and proxies have stopped
+    except ray.exceptions.GetTimeoutError:
+        log.warning("Serve did not stop within 60 s; stopping Ray ends it")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -421,6 +421,9 @@ def test_local_serve_with_direct_ingress_answers_on_the_replica_port(checkpoints
     while "stopped\n" not in output and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "stopped\n" in output and "Traceback" not in "".join(output), "".join(output)
+    # Nothing of Ray's own between distdl's lines: Serve's INFO line as it starts, the retry
+    # notice of its shutdown call.
+    assert not [line for line in output if "Started Serve" in line or "(raylet)" in line], output
 
 
 def _haproxy_listeners() -> list[tuple[str, int]]:
@@ -435,13 +438,15 @@ def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
     """By default a local Serve listens through HAProxy, with its stats page and Prometheus
     exporter on --host too, not on every interface. HAProxy forwards to the replicas' own
     ports: answers, a client's 4xx and the replica's 503 with Retry-After (HAProxy turns only
-    its own errors into 500) reach the client as they left the replica."""
+    its own errors into 500) reach the client as they left the replica. SIGTERM lets the
+    replicas answer the requests in flight before the proxies go."""
     images, labels = validation
     port = PORT + 2
     process = popen_cli("serve", checkpoints[0], f"slow={slow_checkpoint}", "--port", str(port),
                         "--max-batch-size", "1", "--max-queued-requests", "2", address=None)
     output = _wait_for_line(process, "Ctrl-C stops")
     base = f"http://127.0.0.1:{port}"
+    stopping = False
     try:
         listeners = _haproxy_listeners()
         assert ("127.0.0.1", port) in listeners and len(listeners) >= 3, listeners
@@ -466,8 +471,18 @@ def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
         statuses = sorted({reply.status_code for reply in replies})
         assert statuses == [200, 503], statuses
         assert all(r.headers.get("Retry-After") == "1" for r in replies if r.status_code == 503)
+        # As many as the slow app holds (2 in its replica, 2 queued): once the first is
+        # answered, the others are in flight when the stop begins.
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(requests.post, f"{base}/slow/predict", data=png, timeout=60,
+                                     headers={"Content-Type": "image/png"}) for _ in range(4)]
+            wait(in_flight, return_when=FIRST_COMPLETED)
+            process.send_signal(signal.SIGTERM)
+            stopping = True
+            assert [reply.result().status_code for reply in in_flight] == [200] * 4
     finally:
-        process.send_signal(signal.SIGTERM)
+        if not stopping:  # a second signal would cut the stop short
+            process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0, "".join(output)[-3000:]
 
 
