@@ -124,7 +124,6 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
     """Batched, then unbatched, on a Ray of its own started with `ingress`: "direct" measures
     both Serve's proxy and the replica's port, "haproxy" HAProxy on the port."""
     import ray
-    from ray import serve
 
     from distdl.inference import deploy
 
@@ -154,7 +153,7 @@ def _serve_variants(ckpt: str, bodies: list[bytes], *, ingress: str, clients: in
                 for suffix in urls:
                     results[f"serve_batched{suffix}"]["batch_wait_ms"] = wait
     finally:
-        serve.shutdown()
+        deploy.stop(["bench"], local=True)
         ray.shutdown()  # the next variant, and the bare server, get the machine to themselves
         for variable in environment:
             os.environ.pop(variable, None)
