@@ -60,7 +60,10 @@ def mount(spec: str) -> tuple[str, str]:
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = "", spec
-    path = checkpoint.resolve(path)
+    path = checkpoint.resolve(path).removeprefix("file://")
+    if "://" in path:
+        raise UserError(f"checkpoint {path}: replicas load a checkpoint from a directory on "
+                        "their node; copy it to one (on a cluster, one every node can read)")
     directory = Path(path).expanduser().resolve()
     if not directory.is_dir():
         problem = "is not a directory" if directory.exists() else "does not exist"

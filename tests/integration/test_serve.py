@@ -374,6 +374,7 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
     cases = {
         "does not exist": ("serve", str(tmp_path / "nothing")),
         "corrupt checkpoint metadata": ("serve", str(tmp_path / "bad")),
+        "copy it to one": ("serve", "s3://bucket/run/checkpoint_1"),
         "--detach needs a running cluster": ("serve", checkpoints[0], "--detach"),
         "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
         "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
@@ -382,6 +383,9 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         "its nodes' environment chooses: RAY_SERVE_ENABLE_HA_PROXY=1": (
             "serve", checkpoints[0], "--ingress", "haproxy", "--address", "127.0.0.1:1"),
     }
+    served_by_uri = run_cli("serve", "build", f"file://{checkpoints[0]}", "-o",
+                            str(tmp_path / "uri.yaml"))  # a file:// URI is a local directory
+    assert served_by_uri.returncode == 0, served_by_uri.stderr
     for words, args in cases.items():
         done = run_cli(*args)
         assert done.returncode == 2, (args, done.stderr)
