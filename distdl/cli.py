@@ -33,6 +33,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="run name (default from the recipe); rerun a name to resume")
 
 
+def _default_storage() -> str:
+    return os.environ.get("DISTDL_STORAGE", "runs")
+
+
 def _ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="existing Ray cluster (default: RAY_ADDRESS, else a local "
                                           "Ray on 127.0.0.1)")
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with DDP on Ray Train workers")
     _config_args(train)
     _ray_args(train)
-    train.add_argument("--storage", default=os.environ.get("DISTDL_STORAGE", "runs"),
+    train.add_argument("--storage", default=_default_storage(),
                        help="where checkpoints go: a directory or a URI such as s3://bucket/path "
                             "(default: ./runs or DISTDL_STORAGE)")
     train.add_argument("--output", help="run directory (default: STORAGE/NAME for local storage)")
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(tune)
     _ray_args(tune)
     tune.set_defaults(recipe="digits_tune")
-    tune.add_argument("--storage", default=os.environ.get("DISTDL_STORAGE", "runs"),
+    tune.add_argument("--storage", default=_default_storage(),
                       help="where trials and checkpoints go: a directory or a URI "
                            "(default: ./runs or DISTDL_STORAGE)")
     tune.add_argument("--output", help="folder for tune_result.json, trials.csv and "
@@ -303,7 +307,7 @@ def _print_result(result: dict, run_dir: Path) -> None:
 def cmd_tune(args) -> int:
     from distdl import runtime
     from distdl.train import rundir
-    from distdl.tune import report, space, tuner
+    from distdl.tune import progress, report, space, tuner
 
     cfg = _config(args)
     params = space.parse(cfg)
@@ -320,12 +324,27 @@ def cmd_tune(args) -> int:
               file=sys.stderr)
         return 1
     print(f"best trial {result['best_trial']}: {cfg.tune.metric} {result['best_metric']:.4f} "
-          f"with {result['best_config']}")
+          f"with {progress.format_values(result['best_config'])}")
     print(f"{result['trials_run']} trials, {result['stopped_early']} stopped early, "
           f"{result['errors']} failed, in {result['wall_s']:.1f} s")
     print(f"best checkpoint: {result['best_checkpoint']}")
+    print(f"train with its values: {_train_command(args, cfg.name, result['best_config'])}")
     print(f"results:         {output}")
     return 0
+
+
+def _train_command(args, name: str, values: dict) -> str:
+    """`distdl train` with the search's own settings and then `values` (field -> value)."""
+    import shlex
+
+    words = ["distdl", "train", "--recipe", args.recipe]
+    words += ["--config", args.config] if args.config else []
+    for assignment in [*args.overrides, *(f"{field}={value!r}" for field, value in values.items())]:
+        words += ["--set", assignment]
+    words += ["--name", f"{name}-best"]
+    words += ["--storage", args.storage] if args.storage != _default_storage() else []
+    words += ["--address", args.address] if args.address else []
+    return shlex.join(words)
 
 
 def cmd_evaluate(args) -> int:

@@ -38,10 +38,10 @@ class TrialPrinter(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch", 0)
         self.emit(f"{self._clock()}  {trial.trial_id}  done after epoch {epoch}  "
-                  f"{_values(trial.config)}  | {_counts(trials)}")
+                  f"{format_values(trial.config)}  | {_counts(trials)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.emit(f"{self._clock()}  {trial.trial_id}  FAILED  {_values(trial.config)}  "
+        self.emit(f"{self._clock()}  {trial.trial_id}  FAILED  {format_values(trial.config)}  "
                   f"| {_counts(trials)}")
 
     def _clock(self) -> str:
@@ -53,6 +53,7 @@ def _counts(trials: list) -> str:
     return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
 
 
-def _values(config: dict[str, Any]) -> str:
+def format_values(config: dict[str, Any]) -> str:
+    """A trial's values for people: field=value, floats to 3 significant digits."""
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in config.items())

@@ -6,11 +6,13 @@ import csv
 import json
 import os
 import re
+import shlex
 import time
 from pathlib import Path
 
 import pytest
 
+from distdl import cli
 from distdl.tune import report
 from tests.integration.cli import popen_cli, run_cli
 
@@ -49,6 +51,13 @@ def test_search_picks_the_good_learning_rate(lr_search):
     assert len(others) == 2
     assert all(t["best_metric"] < result["best_val_accuracy"] - 0.3 for t in others)
     assert f"best trial {result['best_trial']}" in stdout
+    # The command it prints trains with the search's settings and the best trial's values.
+    (command,) = [line.split(": ", 1)[1] for line in stdout.splitlines()
+                  if line.startswith("train with its values: ")]
+    args = cli.build_parser().parse_args(shlex.split(command)[1:])
+    cfg = cli._config(args)
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.model.width) == (GOOD_LR, EPOCHS, 8)
+    assert (args.command, args.name, args.storage) == ("train", "lr-best", str(run_dir.parent))
 
 
 @pytest.mark.slow
