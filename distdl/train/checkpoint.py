@@ -80,6 +80,10 @@ def resolve(path: str) -> str:
     for name in (rundir.RESULT_FILE, TUNE_RESULT_FILE):
         if (directory / name).is_file():
             return _best_checkpoint(directory / name)
+    saved = sorted(directory.glob(f"checkpoint_*/{META_FILE}"))  # named by time: latest last
+    if saved:
+        raise UserError(f"{path} names no best checkpoint until its run ends; give one of its "
+                        f"checkpoints, such as the latest: {saved[-1].parent}")
     return path
 
 

@@ -66,3 +66,9 @@ def test_a_run_directory_without_a_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / rundir.RESULT_FILE).write_text("{torn")
     with pytest.raises(UserError, match="cannot read"):
         checkpoint.resolve(str(tmp_path))
+    running = tmp_path / "running"
+    model = build_model(ModelConfig(width=8), num_classes=3, in_channels=1, image_size=8)
+    for stamp in ("2026-01-02_10-00-00.1", "2026-01-02_09-00-00.1"):
+        checkpoint.save(running / f"checkpoint_{stamp}", model, _meta())
+    with pytest.raises(UserError, match=f"the latest: {running}/checkpoint_2026-01-02_10-00"):
+        checkpoint.resolve(str(running))
