@@ -475,15 +475,17 @@ def test_local_serve_behind_haproxy_passes_answers_errors_and_overload_through(
         statuses = sorted({reply.status_code for reply in replies})
         assert statuses == [200, 503], statuses
         assert all(r.headers.get("Retry-After") == "1" for r in replies if r.status_code == 503)
-        # As many as the slow app holds (2 in its replica, 2 queued): once the first is
-        # answered, the others are in flight when the stop begins.
-        with ThreadPoolExecutor(4) as pool:
+        # Fewer than the slow app holds (2 in its replica, 2 queued): once the first is
+        # answered, the others are in flight when the stop begins. Each gets its answer (a
+        # 503 too, should the replica still count an answered one), none a cut connection.
+        with ThreadPoolExecutor(3) as pool:
             in_flight = [pool.submit(requests.post, f"{base}/slow/predict", data=png, timeout=60,
-                                     headers={"Content-Type": "image/png"}) for _ in range(4)]
+                                     headers={"Content-Type": "image/png"}) for _ in range(3)]
             wait(in_flight, return_when=FIRST_COMPLETED)
             process.send_signal(signal.SIGTERM)
             stopping = True
-            assert [reply.result().status_code for reply in in_flight] == [200] * 4
+            answered = [reply.result().status_code for reply in in_flight]
+        assert 200 in answered and set(answered) <= {200, 503}, answered
     finally:
         if not stopping:  # a second signal would cut the stop short
             process.send_signal(signal.SIGTERM)
