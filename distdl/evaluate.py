@@ -19,10 +19,10 @@ _BATCH = 1024
 
 
 def evaluate(checkpoint_path: str, *, data: str | None, output: Path) -> dict[str, Any]:
-    """Score the checkpoint's validation split, or every image of `data` when given."""
+    """Score the checkpoint's validation split, or every image of `data` when given.
+    `checkpoint_path` is one that `locate` returned."""
     from distdl.data.sources import load_images
 
-    checkpoint_path = locate(checkpoint_path)
     predictor = _load(checkpoint_path)
     data_cfg = DataConfig(**predictor.meta["data"])
     if data:
