@@ -112,6 +112,10 @@ class TrainConfig:
     """CPU only: ranks on one node average gradients through shared memory instead of gloo."""
     keep_checkpoints: int = 2
     """Best checkpoints kept by validation accuracy (the latest is always kept too, to resume)."""
+    report_interval_s: float = 1.0
+    """Epochs shorter than this are reported to Ray Train together, with one checkpoint of the
+    latest: at most one report per interval, plus the last epoch and every new best validation
+    accuracy. 0 reports, and checkpoints, every epoch."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint before the run fails."""
     seed: int = 0
@@ -124,6 +128,7 @@ class TrainConfig:
                "train.batch_size must be at least train.num_workers (one example per worker)")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.report_interval_s >= 0, "train.report_interval_s must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures must be >= 0")
 
     def batch_size_per_worker(self) -> int:

@@ -15,15 +15,20 @@ from distdl.train import rundir
 
 
 class EpochRecorder(ray.train.UserCallback):
-    """Writes each reported epoch to metrics.jsonl, with the node of every rank."""
+    """Writes each reported epoch to metrics.jsonl, with the node of every rank (the same for
+    all the epochs of one report: a worker group that restarts reports them again)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self._last_epoch: int | None = None  # the last epoch this recorder wrote
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        line = dict(metrics[0])
-        line["nodes"] = [m.get("node", "") for m in metrics]
+        nodes = [m.get("node", "") for m in metrics]
+        latest = dict(metrics[0])
+        for line in [*latest.pop(rundir.EARLIER_EPOCHS, []), latest]:
+            self._record({**line, "nodes": nodes})
+
+    def _record(self, line: dict[str, Any]) -> None:
         if self._last_epoch is not None and line["epoch"] == self._last_epoch + 1:
             # The usual case, appended: rewriting the file each epoch made a long run's
             # recording grow with its length (a quarter of the controller's CPU by epoch 125).

@@ -16,6 +16,10 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 CURVES_FILE = "curves.png"
 
+# A report to Ray Train may carry several epochs (worker.py holds back short ones): the latest
+# as its metrics, the ones before it in a list under this key, and in its checkpoint's meta.
+EARLIER_EPOCHS = "earlier_epochs"
+
 
 def default_run_dir(storage: str, name: str) -> Path:
     """STORAGE/NAME for local storage (checkpoints and run files side by side), else ./runs/NAME."""

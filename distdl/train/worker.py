@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from distdl import runtime
-from distdl.config import Config
+from distdl.config import Config, TrainConfig
 from distdl.models import build_model
-from distdl.train import checkpoint, loop, shm_allreduce
+from distdl.train import checkpoint, loop, rundir, shm_allreduce
 from distdl.train.shard import InMemoryShard, Shard, StreamingShard, load_in_memory
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ class _Setup:
     """Mixed precision on GPU (bf16 or fp16); None trains in float32."""
     scaler: torch.amp.GradScaler | None
     start_epoch: int
-    restored_metrics: dict[str, Any] | None
-    """The metrics of the epoch whose checkpoint the run restored from, if it did."""
+    restored_epochs: list[dict[str, Any]]
+    """The metrics of the epochs reported with the checkpoint the run restored from, if any."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -106,7 +106,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
                                     steps_per_epoch=steps)
     dtype = runtime.autocast_dtype(device) if cfg.train.amp else None
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    start_epoch, restored_metrics = _restore(raw, optimizer, scheduler, scaler)
+    start_epoch, restored_epochs = _restore(raw, optimizer, scheduler, scaler)
     # Restore before wrapping: DDP broadcasts rank 0's weights to the other ranks at wrap time.
     # Buffers (batch-norm statistics) are not broadcast before every forward pass: that is one
     # more collective per step. `fit` averages them across ranks once per epoch instead.
@@ -116,7 +116,7 @@ def _setup(spec: WorkerSpec, device: torch.device, channels_last: bool, steps: i
         log.info("gradients are averaged through shared memory, not gloo")
     if cfg.train.compile:
         model = torch.compile(model)
-    return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch, restored_metrics)
+    return _Setup(model, raw, optimizer, scheduler, dtype, scaler, start_epoch, restored_epochs)
 
 
 def _one_cpu_node(device: torch.device) -> bool:
@@ -126,12 +126,12 @@ def _one_cpu_node(device: torch.device) -> bool:
     return device.type == "cpu" and world > 1 and context.get_local_world_size() == world
 
 
-def _restore(raw, optimizer, scheduler, scaler) -> tuple[int, dict[str, Any] | None]:
+def _restore(raw, optimizer, scheduler, scaler) -> tuple[int, list[dict[str, Any]]]:
     """Load the latest checkpoint of this run, if any; returns the first epoch to train and the
-    metrics of the checkpoint's epoch."""
+    metrics of the epochs reported with that checkpoint."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 1, None
+        return 1, []
     with ckpt.as_directory() as directory:
         try:
             raw.load_state_dict(checkpoint.load_state_dict(directory))
@@ -139,13 +139,15 @@ def _restore(raw, optimizer, scheduler, scaler) -> tuple[int, dict[str, Any] | N
             raise ValueError("the run's latest checkpoint holds a different model than the config "
                              "asks for; start a new run with another --name") from None
         state = checkpoint.load_train_state(directory)
-        metrics = checkpoint.load_meta(directory).get("metrics")
+        meta = checkpoint.load_meta(directory)
     optimizer.load_state_dict(state["optimizer"])
     loop.resume_schedule(scheduler, state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     log.info("restored from the checkpoint of epoch %d", state["epoch"])
-    return state["epoch"] + 1, metrics
+    if "metrics" not in meta:
+        return state["epoch"] + 1, []
+    return state["epoch"] + 1, [*meta.get(rundir.EARLIER_EPOCHS, []), meta["metrics"]]
 
 
 def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, steps: int) -> None:
@@ -153,11 +155,14 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     dtype = setup.autocast_dtype
     rank = ray.train.get_context().get_world_rank()
-    if setup.start_epoch > cfg.train.epochs and setup.restored_metrics:
+    if setup.start_epoch > cfg.train.epochs and setup.restored_epochs:
         # Every epoch was trained, but the run was stopped, perhaps before its last report
-        # reached the driver (the run directory, a Tune search): report that epoch again.
-        _report(setup, spec, {**setup.restored_metrics, "node": _node()}, rank)
+        # reached the driver (the run directory, a Tune search): report those epochs again.
+        node = _node()
+        _report(setup, spec, [{**m, "node": node} for m in setup.restored_epochs], rank)
         return
+    unreported: list[dict[str, Any]] = []
+    best_accuracy, reported_at = None, time.time()
     for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
         started = time.time()
         batches = train_data.batches(cfg.train.batch_size_per_worker(), shuffle=True,
@@ -170,10 +175,31 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
         _average_buffers(setup.raw)
         val = loop.evaluate(setup.model, val_data.batches(1024, shuffle=False, seed=0,
                                                           drop_last=False), autocast_dtype=dtype)
-        metrics = _epoch_metrics(epoch, started, train_s, train, val, setup.raw)
+        metrics, since_report_s = _epoch_metrics(epoch, started, train_s, train, val, setup.raw,
+                                                 since_report_s=time.time() - reported_at)
         metrics["lr"] = setup.scheduler.get_last_lr()[0]
         metrics["node"] = _node()
-        _report(setup, spec, metrics, rank)
+        unreported.append(metrics)
+        if report_due(metrics, since_report_s, best_accuracy, cfg.train):
+            _report(setup, spec, unreported, rank)
+            unreported, reported_at = [], time.time()
+            best_accuracy = max(best_accuracy or 0.0, metrics["val_accuracy"])
+
+
+def report_due(metrics: dict[str, Any], since_report_s: float, best_accuracy: float | None,
+                cfg: TrainConfig) -> bool:
+    """Whether to report the epochs trained so far now, or hold them for a later report.
+
+    Each report costs Ray Train's controller a poll, a checkpoint to register and perhaps an
+    old one to delete, on the cores that train: with digits' 0.1 s epochs on 2 cores, one
+    report per 8 epochs trained 5% faster (median of alternated runs). The last epoch is always
+    reported, and so is a new best validation accuracy: checkpoints are ranked by it, and the
+    best one is never left out. Every rank must come to the same answer (a report is a
+    collective), so the inputs are the ones summed across ranks.
+    """
+    new_best = best_accuracy is None or metrics["val_accuracy"] > best_accuracy
+    return (new_best or metrics["epoch"] == cfg.epochs
+            or since_report_s >= cfg.report_interval_s)
 
 
 def _node() -> str:
@@ -193,14 +219,19 @@ def _average_buffers(model: nn.Module) -> None:
         b.copy_(average.view_as(b))
 
 
-def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, model) -> dict:
-    """Sum this rank's figures with the other ranks' and turn them into epoch metrics."""
+def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, model, *,
+                   since_report_s: float) -> tuple[dict[str, Any], float]:
+    """Sum this rank's figures with the other ranks' and turn them into epoch metrics; also
+    return the ranks' mean of `since_report_s`, the same number on every rank."""
     device = next(model.parameters()).device  # NCCL reduces tensors on the GPU only
-    both = torch.cat([train.as_tensor(), val.as_tensor()]).to(device)
+    since = torch.tensor([since_report_s], dtype=torch.float64)
+    both = torch.cat([train.as_tensor(), val.as_tensor(), since]).to(device)
+    world = 1
     if dist.is_initialized():
         dist.all_reduce(both)
-    t_loss, _, t_count, v_loss, v_correct, v_count = both.tolist()
-    return {
+        world = dist.get_world_size()
+    t_loss, _, t_count, v_loss, v_correct, v_count, since_sum = both.tolist()
+    metrics = {
         "epoch": epoch,
         "train_loss": t_loss / max(t_count, 1),
         "val_loss": v_loss / max(v_count, 1),
@@ -209,21 +240,29 @@ def _epoch_metrics(epoch, started, train_s, train: loop.Sums, val: loop.Sums, mo
         "epoch_s": time.time() - started,
         "started_at": started,
     }
+    return metrics, since_sum / world
 
 
-def _report(setup: _Setup, spec: WorkerSpec, metrics: dict, rank: int) -> None:
-    """Report the epoch's metrics from every rank, with a checkpoint written by rank 0."""
+def _report(setup: _Setup, spec: WorkerSpec, epochs: list[dict[str, Any]], rank: int) -> None:
+    """Report `epochs` (those trained since the last report) from every rank, with a checkpoint
+    of the latest written by rank 0. Ray Train ranks checkpoints by the latest epoch's metrics;
+    the earlier epochs ride along for the run directory."""
+    *earlier, latest = epochs
+    metrics = {**latest, rundir.EARLIER_EPOCHS: earlier} if earlier else latest
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
         state = {
-            "epoch": metrics["epoch"],
+            "epoch": latest["epoch"],
             "optimizer": setup.optimizer.state_dict(),
             "scheduler": setup.scheduler.state_dict(),
         }
         if setup.scaler is not None:
             state["scaler"] = setup.scaler.state_dict()
-        meta = {**spec.meta, "epoch": metrics["epoch"], "metrics": metrics}
+        # The earlier epochs go into the checkpoint too: a rerun re-reports them all if this
+        # report never reached the driver.
+        meta = {**spec.meta, "epoch": latest["epoch"], "metrics": latest,
+                rundir.EARLIER_EPOCHS: earlier}
         checkpoint.save(directory, setup.raw, meta, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

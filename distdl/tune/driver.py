@@ -7,6 +7,7 @@ trial that Tune resumes continues from its own latest checkpoint through Ray Tra
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray import tune
@@ -47,6 +48,8 @@ def _report_last_epoch(result) -> None:
 def trial_trainer(cfg: Config, data: PreparedData, *, storage: str,
                   callbacks: list) -> TorchTrainer:
     """A trial's TorchTrainer. It keeps the checkpoints that the search's metric ranks best,
-    so that the best epoch's checkpoint is still there at the end."""
+    so that the best epoch's checkpoint is still there at the end. It reports every epoch:
+    Tune's schedulers count reports as epochs (ASHA's rungs, grace_period)."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, report_interval_s=0.0))
     return trainer.build_trainer(cfg, data, storage=storage, callbacks=callbacks, name=TRAIN_RUN,
                                  keep_best_by=(cfg.tune.metric, cfg.tune.mode))

@@ -114,6 +114,33 @@ def test_a_rerun_records_the_last_epoch_whose_report_was_lost(ray_address, tmp_p
 
 
 @pytest.mark.slow
+def test_short_epochs_are_reported_together_and_a_lost_report_is_recovered(ray_address, tmp_path):
+    """With a learning rate too small to change a prediction (and no batch norm, whose
+    statistics would), no epoch after the first is a new best, so epochs 2 to 4 wait for the
+    report of the last one, which carries them."""
+    common = ("train", "--recipe", "debug", "--name", "held", "--storage", str(tmp_path),
+              "--set", "train.epochs=5", "--set", "optim.lr=1e-9",
+              "--set", "model.batch_norm=false", "--set", "train.report_interval_s=1000")
+    first = run_cli(*common, address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "held"
+    trained = rundir.read_metrics(run_dir)
+    assert [m["epoch"] for m in trained] == [1, 2, 3, 4, 5]
+    assert len({m["val_accuracy"] for m in trained}) == 1  # the premise: no new best
+    metas = sorted((checkpoint.load_meta(path) for path in run_dir.glob("checkpoint_*/")),
+                   key=lambda meta: meta["epoch"])
+    assert [(meta["epoch"], [m["epoch"] for m in meta[rundir.EARLIER_EPOCHS]])
+            for meta in metas] == [(1, []), (5, [2, 3, 4])]
+    # A kill after the last checkpoint, before its report reached the driver: the rerun
+    # records every epoch that report carried, as they were trained.
+    (run_dir / rundir.METRICS_FILE).write_text(json.dumps(trained[0]) + "\n")
+    (run_dir / rundir.RESULT_FILE).unlink()
+    second = run_cli(*common, address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert rundir.read_metrics(run_dir) == trained
+
+
+@pytest.mark.slow
 def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_path):
     done = run_cli("train", "--recipe", "debug", "--name", "stream", "--storage", str(tmp_path),
                    "--set", "data.cache_max_mb=0", "--set", "train.epochs=3", address=ray_address)

@@ -30,3 +30,16 @@ def test_a_line_being_written_is_not_read_yet(tmp_path):
     with (tmp_path / rundir.METRICS_FILE).open("a") as f:
         f.write('{"epoch": 2, "star')
     assert _epochs(tmp_path) == [(1, 1.0)]
+
+
+def test_a_report_of_several_epochs_records_each_of_them(tmp_path):
+    recorder = EpochRecorder(tmp_path)
+    _report(recorder, 1, 10.0)
+    earlier = [{"epoch": e, "started_at": 10.0 * e, "node": "a"} for e in (2, 3)]
+    metrics = [{"epoch": 4, "started_at": 40.0, "node": n, rundir.EARLIER_EPOCHS: earlier}
+               for n in ("a", "b")]
+    recorder.after_report(None, metrics, None)
+    assert _epochs(tmp_path) == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+    lines = rundir.read_metrics(tmp_path)
+    assert all(m["nodes"] == ["a", "b"] for m in lines)
+    assert not any(rundir.EARLIER_EPOCHS in m for m in lines)
