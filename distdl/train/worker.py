@@ -190,9 +190,10 @@ def report_due(metrics: dict[str, Any], since_report_s: float, best_accuracy: fl
                 cfg: TrainConfig) -> bool:
     """Whether to report the epochs trained so far now, or hold them for a later report.
 
-    Each report costs Ray Train's controller a poll, a checkpoint to register and perhaps an
-    old one to delete, on the cores that train: with digits' 0.1 s epochs on 2 cores, one
-    report per 8 epochs trained 5% faster (median of alternated runs). The last epoch is always
+    Each report costs Ray Train's controller a checkpoint to register and perhaps an old one to
+    delete, on the cores that train. With digits' 0.1 s epochs on 2 cores, reports at most once
+    a second trained at a median of 14,014 samples/s against 13,474 with one per epoch, in 112
+    against 120 ms per epoch (four alternated pairs of runs). The last epoch is always
     reported, and so is a new best validation accuracy: checkpoints are ranked by it, and the
     best one is never left out. Every rank must come to the same answer (a report is a
     collective), so the inputs are the ones summed across ranks.
