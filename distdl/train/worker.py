@@ -187,7 +187,7 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
 
 
 def report_due(metrics: dict[str, Any], since_report_s: float, best_accuracy: float | None,
-                cfg: TrainConfig) -> bool:
+               cfg: TrainConfig) -> bool:
     """Whether to report the epochs trained so far now, or hold them for a later report.
 
     Each report costs Ray Train's controller a checkpoint to register and perhaps an old one to
