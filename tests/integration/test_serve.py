@@ -84,11 +84,16 @@ def served(ray_address, checkpoints):
                         "--port", str(PORT),
                         "--max-batch-size", "16", "--batch-wait-ms", "20", *LIMITS,
                         address=ray_address)
-    _wait_for_line(process, "Ctrl-C stops")
+    output = _wait_for_line(process, "Ctrl-C stops")
     yield process
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"distdl serve still running 60 s after SIGINT:\n{''.join(output)[-3000:]}")
+        assert process.returncode == 0, "".join(output)[-3000:]
     from ray import serve
 
     serve.shutdown()
