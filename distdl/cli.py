@@ -539,10 +539,8 @@ def cmd_serve(args) -> int:
     # Service managers (systemd, `docker stop`, Kubernetes) stop with SIGTERM: stop as gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # Python runs signal handlers in the main thread only, once it runs again: a signal
-        # that lands on one of Ray's threads would otherwise wait out a long sleep.
         while True:
-            time.sleep(1)
+            time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping: the replicas answer the requests they hold (Ctrl-C again quits now)",
               file=sys.stderr, flush=True)

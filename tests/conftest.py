@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from tests.integration.cli import run_cli
+
+
+def pytest_configure(config):
+    """Commands the tests start must take Ctrl-C (SIGINT) as they do in a terminal. A suite run
+    as a background job (`... &` in a script) inherits SIGINT ignored, and would pass that on
+    to every command it starts, which would then never stop on it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
