@@ -15,8 +15,8 @@ from distdl.train import rundir
 
 
 class EpochRecorder(ray.train.UserCallback):
-    """Writes each reported epoch to metrics.jsonl, with the node of every rank (the same for
-    all the epochs of one report: a worker group that restarts reports them again)."""
+    """Writes each reported epoch to metrics.jsonl, with the node of every rank. A report may
+    carry several epochs (worker.py); they share its ranks' nodes."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir

@@ -22,7 +22,8 @@ def test_train_benchmark_reports_the_ratio_and_the_fixed_overhead(tmp_path):
         report["distdl_samples_per_s"] / report["bare_samples_per_s"], abs=2e-3)
     assert 0 < report["seconds_to_first_step"] < report["seconds_to_end"]
     epochs_s = report["seconds_to_end"] - report["seconds_to_first_step"]
-    assert 0 < report["epoch_period_s"] < epochs_s / 2  # three epochs: the second's start to the third's
+    # Three epochs: the one period is from the second's start to the third's.
+    assert 0 < report["epoch_period_s"] < epochs_s / 2
     assert report["ray_train_floor_s"] > 0  # the plainest TorchTrainer really ran
     assert "plainest TorchTrainer" in done.stdout
     assert (report["epochs"], report["workers"], report["model"]) == (3, 2, "small_cnn")

@@ -1,4 +1,4 @@
-"""When a worker reports its epochs to Ray Train: short epochs are held back and reported together."""
+"""When a worker reports its epochs to Ray Train: short ones are held back and sent together."""
 
 import pytest
 
