@@ -8,11 +8,14 @@ trial that Tune resumes continues from its own latest checkpoint through Ray Tra
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from ray import tune
+from ray import train, tune
 from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.util.queue import Empty, Queue
 
 from distdl.config import Config
 from distdl.train import trainer
@@ -28,21 +31,61 @@ def trial_storage(storage: str, experiment: str, trial_id: str) -> str:
 
 
 def run_trial(sampled: dict[str, Any], *, base: Config, data: PreparedData, storage: str) -> None:
-    """Train `base` with the trial's sampled values; each epoch reaches Tune via the callback."""
+    """Train `base` with the trial's sampled values; each epoch reaches Tune as it is reported."""
     context = tune.get_context()
     cfg = space.apply(base, sampled)
     storage = trial_storage(storage, context.get_experiment_name(), context.get_trial_id())
-    result = trial_trainer(cfg, data, storage=storage, callbacks=[TuneReportCallback()]).fit()
-    _report_last_epoch(result)
+    fit_reporting(lambda callbacks: trial_trainer(cfg, data, storage=storage,
+                                                  callbacks=callbacks))
 
 
-def _report_last_epoch(result) -> None:
-    """Tune can lose the report of a trial's last epoch when training ends right after it (seen:
-    a trial recorded with 3 of its 4 epochs, no error). The trial driver reports that epoch
-    once more itself; the search's records keep one row per epoch."""
-    if result.metrics:
-        path = result.checkpoint.path if result.checkpoint else None
-        tune.report({**result.metrics, CHECKPOINT_PATH_KEY: path})
+def fit_reporting(build: Callable[[list], TorchTrainer]) -> None:
+    """Fit the trainer that `build(callbacks)` returns, and pass each of its reports to Tune
+    from this thread, the trial's, until the last one.
+
+    Not Ray's TuneReportCallback: it hands reports to the trial actor's main thread, which
+    races the trial thread's own final report when training ends right after an epoch. Seen
+    here: the last epoch's report lost, and once a trial that never ended (both threads
+    blocked on Tune's one-slot result queue). From one thread, reports keep their order and
+    all arrive before the trial ends.
+    """
+    reports = Queue(actor_options={"num_cpus": 0})
+    fitting = _Fit(build([_Forward(reports)]))
+    fitting.start()
+    # Every report is queued before fit() returns (the callback waits for the put), so once
+    # the thread has ended, an empty queue means nothing is left.
+    while fitting.is_alive() or not reports.empty():
+        try:
+            tune.report(reports.get(timeout=0.5))
+        except Empty:
+            pass
+    if fitting.error is not None:
+        raise fitting.error
+
+
+class _Forward(train.UserCallback):
+    """Runs in the Ray Train controller: queues each report for the trial driver."""
+
+    def __init__(self, reports: Queue):
+        self.reports = reports
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        path = checkpoint.path if checkpoint else None
+        self.reports.put({**metrics[0], CHECKPOINT_PATH_KEY: path})
+
+
+class _Fit(threading.Thread):
+    """trainer.fit() beside the trial thread; a daemon, so that a trial Tune stops ends."""
+
+    def __init__(self, trainer: TorchTrainer):
+        super().__init__(name="distdl-fit", daemon=True)
+        self.trainer, self.error = trainer, None
+
+    def run(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as error:  # raised again on the trial thread, where Tune sees it
+            self.error = error
 
 
 def trial_trainer(cfg: Config, data: PreparedData, *, storage: str,

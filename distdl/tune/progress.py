@@ -28,7 +28,7 @@ class TrialPrinter(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         epoch = result.get("epoch", "?")
         if self._printed.get(trial.trial_id) == epoch:
-            return  # the trial driver's repeat of its last epoch (driver.py)
+            return  # a resumed trial whose epochs were all trained reports them again
         self._printed[trial.trial_id] = epoch
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"

@@ -7,10 +7,13 @@ import json
 import os
 import re
 import shlex
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import ray.train
+from ray import tune
 
 from distdl import cli
 from distdl.tune import report
@@ -151,6 +154,48 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, 
     assert not finished & set(re.findall(r"(\S+)  epoch ", done.stdout)), done.stdout
     assert {t: (experiment / t / "result.json").read_bytes() for t in finished} == records
     assert result["trials_run"] == 3 and result["best_config"] is not None
+
+
+def _four_epochs(config):
+    for epoch in range(1, EPOCHS + 1):
+        ray.train.report({"epoch": epoch})
+
+
+def _trial_of_four_epochs(config):
+    from ray.train.torch import TorchTrainer
+
+    from distdl.tune import driver
+
+    storage = f"{config['storage']}/{tune.get_context().get_trial_id()}"
+    driver.fit_reporting(lambda callbacks: TorchTrainer(
+        _four_epochs, scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(storage_path=storage, callbacks=callbacks)))
+
+
+class _BusyDriver(tune.Callback):
+    """A search driver slow to take each result, as on 2 cores while another trial's workers
+    start. With Ray's TuneReportCallback, a trial's last report then raced the trial's end and
+    the search hung."""
+
+    def on_trial_result(self, **info):
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_every_epoch_reaches_tune_when_the_search_driver_is_slow(ray_address, tmp_path):
+    tuner = tune.Tuner(
+        tune.with_resources(_trial_of_four_epochs, {"CPU": 0, "memory": 2**28}),
+        param_space={"storage": str(tmp_path / "train"), "x": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
+                                  callbacks=[_BusyDriver()]))
+    grids = []
+    search = threading.Thread(target=lambda: grids.append(tuner.fit()), daemon=True)
+    search.start()
+    search.join(timeout=240)
+    assert not search.is_alive(), "the search did not end within 240 s"
+    epochs = [list(result.metrics_dataframe["epoch"]) for result in grids[0]]
+    assert epochs == [[1, 2, 3, 4], [1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize(("args", "message"), [
