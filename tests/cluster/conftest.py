@@ -24,9 +24,10 @@ def group_pids(pgids: set[int]) -> set[int]:
     return {int(pid) for pid, pgid, stat in rows if int(pgid) in pgids and not stat.startswith("Z")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def local_cluster(tmp_path_factory):
-    """`distdl cluster up --workers 2`; torn down by pid, and checked that nothing is left."""
+    """`distdl cluster up --workers 2`; torn down by pid, and checked that nothing is left.
+    Down when this folder's tests end: its three nodes would take CPU from every later test."""
     directory = tmp_path_factory.mktemp("cluster")
     up = distdl("cluster", "up", "--workers", "2", "--dir", str(directory), timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -43,7 +44,7 @@ def local_cluster(tmp_path_factory):
     assert not (directory / "cluster.json").exists()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_env(local_cluster) -> dict[str, str]:
     """What a client of the cluster needs: token mode and the cluster's token file."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}

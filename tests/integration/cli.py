@@ -37,8 +37,10 @@ def _ray_state() -> str:
     from ray.util.state import list_actors
 
     try:
-        actors = [f"{a.class_name} {a.state} pid={a.pid}" for a in list_actors(limit=200)
-                  if a.state != "DEAD"]
+        # This session's Ray by address: a test may have started another on this machine.
+        address = ray.get_runtime_context().gcs_address
+        actors = [f"{a.class_name} {a.state} pid={a.pid}"
+                  for a in list_actors(address=address, limit=200) if a.state != "DEAD"]
         return (f"available {ray.available_resources()} of {ray.cluster_resources()}\n"
                 "actors not dead:\n  " + "\n  ".join(actors))
     except Exception as exc:  # the hang's report must not be lost to a second failure
