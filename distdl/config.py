@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,11 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.batch_size >= self.num_workers,
                "train.batch_size must be at least train.num_workers (one example per worker)")
+        _check(self.batch_size % self.num_workers == 0,
+               f"train.batch_size ({self.batch_size}) must divide evenly among train.num_workers "
+               f"({self.num_workers}), so that the global batch stays what it says; choose a "
+               f"multiple of {self.num_workers}, such as "
+               f"{self.batch_size // self.num_workers * self.num_workers}")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.report_interval_s >= 0, "train.report_interval_s must be >= 0")
@@ -236,9 +242,13 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         return value
     if kind is float and not isinstance(value, bool):
         try:
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         except (TypeError, ValueError):
             pass
+        else:
+            if not math.isfinite(number):
+                raise UserError(f"{name} must be a finite number; got {value!r}")
+            return number
     if kind in (int, str, bool) and type(value) is kind:
         return value
     if origin is dict and isinstance(value, dict):
@@ -254,6 +264,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text (is it a YAML file?)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
     return raw

@@ -97,6 +97,8 @@ def _range(name: str, kind: str, values: Any) -> tuple[float, float]:
 
 def _check_field(name: str) -> None:
     """The dotted name must be a plain field of a Config section (not a section, not tune)."""
+    if not isinstance(name, str):
+        raise UserError(f"tune.space: each key names a field as section.field; got {name!r}")
     if name in FIXED_FIELDS:
         raise UserError(f"tune.space cannot vary {name}: it is fixed for the whole search; "
                         "set it outside tune.space")

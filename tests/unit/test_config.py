@@ -49,6 +49,10 @@ def test_config_round_trips_through_a_dict():
     ("train.use_gpu=maybe", "train.use_gpu must be of type bool"),
     ("nosuch.field=1", "unknown config field 'nosuch'"),
     ("train", "--set expects section.field=value"),
+    ("train.cpus_per_worker=.inf", "train.cpus_per_worker must be a finite number"),
+    ("optim.lr=.nan", "optim.lr must be a finite number"),
+    ("train.num_workers=3", r"train.batch_size \(64\) must divide evenly among "
+                            r"train.num_workers \(3\).*such as 63"),
 ])
 def test_bad_overrides_name_the_field(assignment, message):
     with pytest.raises(UserError, match=message):
@@ -67,3 +71,7 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         resolve({}, bad, [])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        resolve({}, binary, [])

@@ -59,6 +59,7 @@ def test_apply_sets_sampled_values_and_keeps_the_rest():
     ({"space": {"optim.lr": {"uniform": [0.1]}}}, "needs [low, high]"),
     ({"space": {"optim.lr": {"choice": []}}}, "needs a non-empty list"),
     ({"space": {"optim.lr": 0.1}}, "must be one mapping"),
+    ({"space": {1: {"choice": [1]}}}, "each key names a field as section.field; got 1"),
     ({"space": {"train.num_workers": {"choice": [1, 2]}}}, "cannot vary train.num_workers"),
     ({"space": {"train.epochs": {"randint": [2, 4]}}}, "cannot vary train.epochs"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.2]}}, "grace_period": 5},
