@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -21,6 +22,28 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type, low: float, high: float = math.inf, *, above: bool = False):
+    """An argparse type: a finite `kind` from `low` (exclusive where `above`) to `high`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low)
+                and value <= high):
+            bound = f"above {low:g}" if above else f"at least {low:g}"
+            bound += f" and at most {high:g}" if high != math.inf else ""
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _bounded(int, 1)
+PORT = _bounded(int, 1, 65535)
+POSITIVE = _bounded(float, 0, above=True)
+NON_NEGATIVE = _bounded(float, 0)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +67,13 @@ def _ray_args(parser: argparse.ArgumentParser) -> None:
 
 def _bench_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18", help="any model name (default resnet18)")
-    parser.add_argument("--width", type=int, default=64, help="first convolution's channels (64)")
-    parser.add_argument("--image-size", type=int, default=32, help="square side (default 32)")
-    parser.add_argument("--batch-size", type=int, default=512, help="training batch (default 512)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per turn (40)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed turns of each side (3)")
+    parser.add_argument("--width", type=COUNT, default=64,
+                        help="first convolution's channels (64)")
+    parser.add_argument("--image-size", type=COUNT, default=32, help="square side (default 32)")
+    parser.add_argument("--batch-size", type=COUNT, default=512,
+                        help="training batch (default 512)")
+    parser.add_argument("--steps", type=COUNT, default=40, help="training steps per turn (40)")
+    parser.add_argument("--rounds", type=COUNT, default=3, help="timed turns of each side (3)")
     parser.add_argument("--no-amp", dest="amp", action="store_false",
                         help="GPU: train and predict in float32")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
@@ -109,14 +134,15 @@ def _bench_parsers(sub) -> None:
                              help="digits (small_cnn, 8x8) or resnet18 (shapes, 32x32)")
     bench_serve.add_argument("--checkpoint", help="serve this checkpoint (or run directory's "
                              "best) instead")
-    bench_serve.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
-    bench_serve.add_argument("--seconds", type=float, default=15.0, help="per measurement (15)")
-    bench_serve.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+    bench_serve.add_argument("--clients", type=COUNT, default=16, help="concurrent clients (16)")
+    bench_serve.add_argument("--seconds", type=POSITIVE, default=15.0, help="per measurement (15)")
+    bench_serve.add_argument("--max-batch-size", type=COUNT, default=MAX_BATCH_SIZE,
                              help=f"(default {MAX_BATCH_SIZE})")
     bench_serve.add_argument("--batch-wait-ms", type=_batch_wait, default=BATCH_WAIT_MS,
                              help=f"auto or milliseconds (default {BATCH_WAIT_MS})")
-    bench_serve.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    bench_serve.add_argument("--port", type=int, default=8300, help="(default 8300 and 8301)")
+    bench_serve.add_argument("--threads", type=COUNT, help="torch threads (default: all cores)")
+    bench_serve.add_argument("--port", type=_bounded(int, 1, 65534), default=8300,
+                             help="(default 8300 and 8301)")
     bench_serve.add_argument("--json", help="also write the report to this JSON file")
 
 
@@ -133,35 +159,39 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                              "checkpoint), or NAME=DIR to mount it at /NAME (default: its "
                              "task's prefix, /vision)")
     scale = parser.add_argument_group("replicas")
-    scale.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
-    scale.add_argument("--min-replicas", type=int, help="autoscale from this many replicas ...")
-    scale.add_argument("--max-replicas", type=int, help="... up to this many")
-    scale.add_argument("--target-ongoing-requests", type=float, default=16.0,
+    scale.add_argument("--replicas", type=COUNT, help="a fixed number of replicas (default 1)")
+    scale.add_argument("--min-replicas", type=_bounded(int, 0),
+                       help="autoscale from this many replicas ...")
+    scale.add_argument("--max-replicas", type=COUNT, help="... up to this many")
+    scale.add_argument("--target-ongoing-requests", type=POSITIVE, default=16.0,
                        help="autoscaling target of requests in flight per replica (default 16)")
-    scale.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
-    scale.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
-    scale.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
+    scale.add_argument("--num-cpus", type=NON_NEGATIVE, default=1.0,
+                       help="CPUs per replica (default 1)")
+    scale.add_argument("--num-gpus", type=NON_NEGATIVE, default=0.0,
+                       help="GPUs per replica (default 0)")
+    scale.add_argument("--threads", type=COUNT,
+                       help="torch threads per replica (default: its CPUs)")
     batch = parser.add_argument_group("batching and limits")
-    batch.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
-                       help="requests per forward pass; 1 turns batching off "
+    batch.add_argument("--max-batch-size", type=COUNT, default=MAX_BATCH_SIZE,
+                       help="requests scored together; 1 turns batching off "
                             f"(default {MAX_BATCH_SIZE})")
     batch.add_argument("--batch-wait-ms", type=_batch_wait, default=BATCH_WAIT_MS,
                        help="how long a batch waits to fill: milliseconds, or auto: as long "
                             f"as a lone image's forward pass, {AUTO_WAIT_MS[0]:g} to "
                             f"{AUTO_WAIT_MS[1]:g} ms (default {BATCH_WAIT_MS})")
-    batch.add_argument("--max-queued-requests", type=int, default=256,
+    batch.add_argument("--max-queued-requests", type=COUNT, default=256,
                        help="beyond this many waiting requests, answer 503 (default 256)")
-    batch.add_argument("--max-body-mb", type=float, default=8.0,
+    batch.add_argument("--max-body-mb", type=POSITIVE, default=8.0,
                        help="larger request bodies get 413 (default 8)")
-    batch.add_argument("--max-pixels", type=int, default=16_000_000,
+    batch.add_argument("--max-pixels", type=COUNT, default=16_000_000,
                        help="larger images get 413 before decoding (default 16000000)")
-    batch.add_argument("--max-instances", type=int, default=64,
+    batch.add_argument("--max-instances", type=COUNT, default=64,
                        help="images per request (default 64)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every request in the replicas' Serve logs (off by default: "
                              "it costs CPU on every request)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=PORT, default=8000, help="HTTP port (default 8000)")
 
 
 def _serve_parsers(sub) -> None:
@@ -195,7 +225,7 @@ def _serve_parsers(sub) -> None:
     query.add_argument("files", nargs="+", help="image files, or one .json file of instances")
     query.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
                        help="(default: DISTDL_API_KEY)")
-    query.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    query.add_argument("--timeout", type=POSITIVE, default=30.0, help="seconds (default 30)")
 
 
 def _cluster_parsers(sub) -> None:
@@ -207,7 +237,7 @@ def _cluster_parsers(sub) -> None:
         p.add_argument("--dir", default=Path("~/.distdl/local-cluster"), type=Path,
                        help="folder for cluster.json, the token, logs and storage/ "
                             "(default: ~/.distdl/local-cluster)")
-    cluster_sub.choices["up"].add_argument("--workers", type=int, default=2,
+    cluster_sub.choices["up"].add_argument("--workers", type=_bounded(int, 0), default=2,
                                            help="worker nodes besides the head, 1 CPU each")
 
     submit = sub.add_parser("submit", help="run a distdl command as a Ray job: submit -- train ...")
@@ -268,6 +298,7 @@ def cmd_train(args) -> int:
 
     cfg = _config(args)
     run_dir = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
+    rundir.check_writable(run_dir)
     recorded = rundir.epochs_recorded(cfg, run_dir)
     if rundir.finished(run_dir, recorded, cfg.train.epochs):
         print(f"run '{cfg.name}' has trained {recorded} epochs already, so there is nothing to "
@@ -277,10 +308,10 @@ def cmd_train(args) -> int:
         return 0
     from distdl.train import trainer  # torch and Ray Train: a finished run needs neither
 
+    storage = _check_before_ray(cfg, args.storage)
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
-    storage = trainer.normalize_storage(args.storage)
     if recorded:
         print(f"continuing run '{cfg.name}' from its latest checkpoint ({recorded} of "
               f"{cfg.train.epochs} epochs recorded)")
@@ -295,6 +326,18 @@ def cmd_train(args) -> int:
         return 1
     _print_result(result, run_dir)
     return 0
+
+
+def _check_before_ray(cfg, storage: str) -> str:
+    """Check the model and data names and the storage while no Ray runs yet (a local one
+    takes seconds to start); returns the storage, normalized."""
+    from distdl.data import sources
+    from distdl.models import check_name
+    from distdl.train import trainer
+
+    check_name(cfg.model.name)
+    sources.check_source(cfg.data.source)
+    return trainer.normalize_storage(storage)
 
 
 def _print_result(result: dict, run_dir: Path) -> None:
@@ -312,6 +355,8 @@ def cmd_tune(args) -> int:
     cfg = _config(args)
     params = space.parse(cfg)
     output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
+    rundir.check_writable(output)
+    tuner.check_experiment(_check_before_ray(cfg, args.storage), cfg.name, args.resume)
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()),
                     dashboard=True)
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
@@ -393,14 +438,9 @@ def cmd_bench(args) -> int:
 
 def _step_settings(args):
     from distdl.bench.step import StepSettings
-    from distdl.models import model_names
+    from distdl.models import check_name
 
-    if args.model not in model_names():
-        raise UserError(f"unknown model {args.model!r}; choose small_cnn, resnet18 or "
-                        "torchvision:NAME (e.g. torchvision:mobilenet_v3_small)")
-    for name in ("width", "image_size", "batch_size", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    check_name(args.model)
     return StepSettings(model=args.model, width=args.width, image_size=args.image_size,
                         batch_size=args.batch_size, steps=args.steps, amp=args.amp,
                         channels_last=args.channels_last, compile=args.compile, rounds=args.rounds)
@@ -489,10 +529,6 @@ def _serve_settings(args):
     if autoscale and not 0 <= low <= high or high < 1:
         raise UserError(f"need 0 <= --min-replicas ({low}) <= --max-replicas ({high}), and "
                         "--max-replicas >= 1")
-    for flag in ("replicas", "max_batch_size", "max_queued_requests", "max_instances", "port"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     return ServeOptions(
         replicas=None if autoscale else (args.replicas or 1), min_replicas=low, max_replicas=high,
         target_ongoing_requests=args.target_ongoing_requests, max_batch_size=args.max_batch_size,
@@ -553,6 +589,8 @@ def _check_writable(path: str) -> None:
     folder = Path(path).parent
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: no folder {folder}")
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; name a file in it")
 
 
 def _interrupt(signum, frame) -> None:

@@ -8,6 +8,7 @@ JobSubmissionClient sends it as an `Authorization: Bearer` header.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import shlex
@@ -69,7 +70,7 @@ def _probe(address: str) -> None:
         urllib.request.urlopen(f"{address}/api/version", timeout=PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return  # something answers; authentication is checked by the client
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"no Ray cluster answers at {address} ({reason}); is it running? "
                         "check --address (the dashboard's http://HOST:PORT)") from None

@@ -89,17 +89,26 @@ class ImageData:
     """Unreadable or corrupt images skipped (0 for in-memory sources)."""
 
 
+def check_source(source: str) -> Path | None:
+    """The path that a file source names (None for digits and shapes); a UserError for an
+    unknown source or a missing path. It reads nothing, so the CLI checks before Ray starts."""
+    kind, _, rest = source.partition(":")
+    if source in ("digits", "shapes"):
+        return None
+    if kind in _FILE_LOADERS and rest:
+        return _existing(rest, source)
+    raise UserError(f"unknown dataset '{source}'; choose digits, shapes, imagefolder:PATH, "
+                    "parquet:PATH or cifar10:PATH")
+
+
 def load_images(cfg: DataConfig) -> ImageData:
     """Load the source named by `cfg.source`, split into train and validation."""
-    kind, _, rest = cfg.source.partition(":")
-    if cfg.source in ("digits", "shapes"):
-        images, labels, classes = _digits() if kind == "digits" else _shapes(cfg)
+    path = check_source(cfg.source)
+    if path is None:
+        images, labels, classes = _digits() if cfg.source == "digits" else _shapes(cfg)
         data = _from_arrays(images, labels, classes, cfg)
-    elif kind in _FILE_LOADERS and rest:
-        data = _FILE_LOADERS[kind](cfg, _existing(rest, cfg.source))
     else:
-        raise UserError(f"unknown dataset '{cfg.source}'; choose digits, shapes, imagefolder:PATH, "
-                        "parquet:PATH or cifar10:PATH")
+        data = _FILE_LOADERS[cfg.source.partition(":")[0]](cfg, path)
     log.info("%s: %d classes, images of shape %s (C, H, W), %d skipped", cfg.source,
              len(data.classes), data.image_shape, data.skipped)
     return data

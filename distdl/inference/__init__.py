@@ -17,6 +17,8 @@ batches (README, Benchmark). A model of about a millisecond per pass gets the lo
 waiting longer than its pass pays only when batches fill.
 """
 
+import math
+
 MAX_BATCH_SIZE = 16
 TOP_K = 5  # classes (with probabilities) per prediction; a serve config's args.top_k changes it
 BATCH_WAIT_MS: float | str = "auto"
@@ -36,6 +38,6 @@ def parse_batch_wait(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise ValueError(f"batch wait must be 'auto' or milliseconds, got {text!r}") from None
-    if not value >= 0:
-        raise ValueError(f"batch wait must be 'auto' or milliseconds >= 0, got {text!r}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"batch wait must be 'auto' or milliseconds >= 0 (finite), got {text!r}")
     return value

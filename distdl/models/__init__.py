@@ -29,18 +29,28 @@ def model_names() -> list[str]:
     return ["small_cnn", "resnet18"] + [TORCHVISION + n for n in _torchvision_names()]
 
 
+def check_name(name: str) -> None:
+    """Raise a UserError for a name that build_model does not know, building nothing."""
+    if name in ("small_cnn", "resnet18"):
+        return
+    if not name.startswith(TORCHVISION):
+        raise UserError(f"unknown model '{name}'; choose small_cnn, resnet18 or torchvision:NAME "
+                        "(e.g. torchvision:mobilenet_v3_small)")
+    if name.removeprefix(TORCHVISION) not in _torchvision_names():
+        raise UserError(f"unknown torchvision model '{name.removeprefix(TORCHVISION)}'; choose "
+                        "one of: " + ", ".join(_torchvision_names()))
+
+
 def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Build the model `cfg.name` names, randomly initialized, for the given classes and input shape."""
+    check_name(cfg.name)
     if cfg.name == "small_cnn":
         return SmallCNN(in_channels, num_classes, width=cfg.width, depth=cfg.depth,
                         dropout=cfg.dropout, batch_norm=cfg.batch_norm)
     if cfg.name == "resnet18":
         return ResNet18(in_channels, num_classes, image_size=image_size, width=cfg.width,
                         dropout=cfg.dropout)
-    if cfg.name.startswith(TORCHVISION):
-        return _torchvision_model(cfg.name.removeprefix(TORCHVISION), num_classes, in_channels, image_size)
-    raise UserError(f"unknown model '{cfg.name}'; choose small_cnn, resnet18 or torchvision:NAME "
-                    "(e.g. torchvision:mobilenet_v3_small)")
+    return _torchvision_model(cfg.name.removeprefix(TORCHVISION), num_classes, in_channels, image_size)
 
 
 def _torchvision_names() -> list[str]:
@@ -51,9 +61,6 @@ def _torchvision_names() -> list[str]:
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """A torchvision classifier with random weights, its first conv adapted to `in_channels`."""
-    if name not in _torchvision_names():
-        raise UserError(f"unknown torchvision model '{name}'; choose one of: "
-                        + ", ".join(_torchvision_names()))
     import torchvision
 
     kwargs = dict(_TV_KWARGS.get(name, {}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,18 @@ def default_run_dir(storage: str, name: str) -> Path:
     if "://" in storage:
         return Path("runs") / name
     return Path(storage).expanduser().resolve() / name
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that could not be created or written, before anything trains."""
+    folder = Path(run_dir).expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write the run directory {run_dir}: {folder} is a file; "
+                        "choose another --output or --storage")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run directory {run_dir}: {folder} is not writable")
 
 
 def epochs_recorded(cfg: Config, run_dir: Path) -> int:

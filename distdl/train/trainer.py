@@ -180,7 +180,11 @@ def normalize_storage(storage: str) -> str:
     """An absolute local path, or a URI that pyarrow can open (s3://, gs://, ...)."""
     if "://" not in storage:
         path = Path(storage).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot use storage {storage} as a folder: "
+                            f"{exc.strerror or exc}") from None
         return str(path)
     try:
         pyarrow.fs.FileSystem.from_uri(storage)

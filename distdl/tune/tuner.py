@@ -56,8 +56,7 @@ def run(cfg: Config, params: list[space.Param], *, storage: str, output: Path, r
     """Run (or resume) the search of `cfg.tune`; write the summary files and return the summary."""
     started = time.time()
     storage = trainer.normalize_storage(storage)
-    experiment = f"{storage.rstrip('/')}/{cfg.name}"
-    _check_experiment(experiment, resume, cfg.name)
+    experiment = check_experiment(storage, cfg.name, resume)
     train = cfg.train
     runtime.check_placeable(train.num_workers, train.cpus_per_worker, train.use_gpu)
     data = trainer.prepare_data(cfg)  # once, for every trial
@@ -79,7 +78,10 @@ def run(cfg: Config, params: list[space.Param], *, storage: str, output: Path, r
     return summary
 
 
-def _check_experiment(experiment: str, resume: bool, name: str) -> None:
+def check_experiment(storage: str, name: str, resume: bool) -> str:
+    """The search's folder in `storage` (normalized); a UserError where `resume` asks for a
+    search that is not there, or a new search would reuse one. Needs no running Ray."""
+    experiment = f"{storage.rstrip('/')}/{name}"
     exists = tune.Tuner.can_restore(experiment)
     if resume and not exists:
         raise UserError(f"no search named '{name}' to resume at {experiment}; check --name and "
@@ -87,6 +89,7 @@ def _check_experiment(experiment: str, resume: bool, name: str) -> None:
     if exists and not resume:
         raise UserError(f"a search named '{name}' already exists at {experiment}; add --resume "
                         "to continue it, or choose another --name")
+    return experiment
 
 
 def _new_tuner(cfg: Config, params: list[space.Param], trainable, storage: str,

@@ -42,6 +42,30 @@ def test_bad_input_is_one_line_and_exit_2(args, message, ray_address, tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
 
 
+BEFORE_RAY = [
+    (["train", "--set", "model.name=vgg99"], "unknown model 'vgg99'"),
+    (["train", "--set", "model.name=torchvision:vgg99"], "unknown torchvision model 'vgg99'"),
+    (["train", "--set", "data.source=parquet:/no/such.parquet"],
+     "path not found: /no/such.parquet"),
+    (["train", "--storage", "{tmp}/file"], "{tmp}/file is a file"),
+    (["train", "--output", "{tmp}/file/run"], "{tmp}/file is a file"),
+    (["tune", "--resume", "--set", "tune.space={optim.lr: {choice: [0.1]}}"],
+     "no search named 'debug' to resume"),
+]
+
+
+@pytest.mark.parametrize("args, message", BEFORE_RAY, ids=[c[1][:30] for c in BEFORE_RAY])
+def test_mistakes_are_found_before_ray_starts(args, message, tmp_path):
+    """Nothing answers at the address: a check made after connecting would fail on that."""
+    (tmp_path / "file").write_text("")
+    command, *rest = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = run_cli(command, "--recipe", "debug", "--storage", str(tmp_path / "runs"), *rest,
+                   address="127.0.0.1:1", timeout=60)  # a --storage in `rest` comes last: it wins
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in lines[0]
+
+
 def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
     common = ("train", "--recipe", "debug", "--set", "train.epochs=1", "--storage", str(tmp_path))
     first = run_cli(*common, address=ray_address)

@@ -17,6 +17,6 @@ def test_auto_wait_is_one_lone_pass_within_its_bounds():
 def test_parse_batch_wait_takes_auto_or_milliseconds():
     assert parse_batch_wait("auto") == parse_batch_wait(" AUTO ") == "auto"
     assert parse_batch_wait("15") == 15.0 and parse_batch_wait(0) == 0.0
-    for bad in ("fast", "-1", "nan", ""):
+    for bad in ("fast", "-1", "nan", "inf", ""):
         with pytest.raises(ValueError, match="'auto' or milliseconds"):
             parse_batch_wait(bad)

@@ -11,7 +11,7 @@ from torch import nn
 
 from distdl.config import ModelConfig
 from distdl.errors import UserError
-from distdl.models import ResNet18, SmallCNN, build_model, model_names
+from distdl.models import ResNet18, SmallCNN, build_model, check_name, model_names
 
 
 def _build(name: str, *, in_channels: int = 3, image_size: int = 32, num_classes: int = 10,
@@ -68,6 +68,9 @@ def test_unknown_names_raise_user_error(name: str) -> None:
     assert name.removeprefix("torchvision:") in message
     assert "\n" not in message
     assert "resnet18" in message  # lists valid choices
+    with pytest.raises(UserError) as checked:
+        check_name(name)  # what the CLI asks before Ray starts: the same answer
+    assert str(checked.value) == message
 
 
 def test_model_names_lists_builtin_and_torchvision() -> None:
