@@ -35,9 +35,15 @@ def query(url: str, files: list[str], *, api_key: str | None = None,
         else:
             parts = [("files", (p.name, p.read_bytes(), _image_type(p))) for p in paths]
             reply = requests.post(endpoint, files=parts, headers=headers, timeout=timeout_s)
-    except requests.RequestException as exc:
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        if isinstance(exc, requests.ReadTimeout):  # connected, then no answer in time
+            raise UserError(f"{endpoint} did not answer within {timeout_s:g} s (a busy or slow "
+                            "server? raise --timeout)") from None
         raise UserError(f"cannot reach {endpoint}: {type(exc).__name__} "
                         "(is distdl serve running? check the URL)") from None
+    except requests.RequestException as exc:
+        raise UserError(f"cannot send to {endpoint}: {type(exc).__name__} (check the URL)") \
+            from None
     return _body(reply, endpoint)
 
 
@@ -57,10 +63,22 @@ def _body(reply, endpoint: str) -> dict[str, Any]:
     if reply.status_code != 200:
         raise UserError(f"{endpoint} answered {reply.status_code}: "
                         f"{body.get('error', body) if isinstance(body, dict) else body}")
-    if not isinstance(body, dict) or "predictions" not in body:
-        raise UserError(f"{endpoint} answered without predictions: is it a distdl endpoint, "
-                        "such as http://127.0.0.1:8000/vision?")
+    if not _is_prediction_reply(body):
+        raise UserError(f"{endpoint} answered without distdl's predictions: is it a distdl "
+                        "endpoint, such as http://127.0.0.1:8000/vision?")
     return body
+
+
+def _is_prediction_reply(body: Any) -> bool:
+    """The fields that format_reply reads, as the Serve application's PredictResponse has them."""
+    try:
+        return isinstance(body["model_version"], str) and all(
+            isinstance(p["class_name"], str)
+            and all(isinstance(s["class_name"], str) and isinstance(s["probability"], float)
+                    for s in p["top_k"])
+            for p in body["predictions"])
+    except (TypeError, KeyError):
+        return False
 
 
 def format_reply(reply: dict[str, Any], files: list[str]) -> str:

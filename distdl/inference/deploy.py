@@ -251,9 +251,24 @@ def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
                         f"(running: {', '.join(sorted(set(apps) - {HEALTH_APP})) or 'none'})")
     _, checkpoint = mount(checkpoint_spec)
     deployment = next(d for d in apps[name]["deployments"] if d["name"] == DEPLOYMENT)
+    _check_same_input(deployment.get("user_config", {}).get("checkpoint"), checkpoint)
     deployment["user_config"] = {**deployment.get("user_config", {}), "checkpoint": checkpoint}
     deploy(config, timeout_s=timeout_s)
     return model_version(checkpoint)
+
+
+def _check_same_input(running: str | None, new: str) -> None:
+    """Requests already checked against the running model's input shape wait in its batches
+    during a swap, so an update in place keeps that shape."""
+    from distdl.train.checkpoint import META_FILE, load_meta
+
+    if not running or not (Path(running) / META_FILE).is_file():
+        return  # a checkpoint this machine cannot read: the replicas' nodes can
+    before, after = load_meta(running)["input_shape"], load_meta(new)["input_shape"]
+    if list(before) != list(after):
+        raise UserError(f"the new checkpoint takes images of shape {list(after)} (C, H, W), the "
+                        f"running one {list(before)}; an update in place keeps the input shape: "
+                        "serve the new model as another application (NAME=CHECKPOINT)")
 
 
 # How HTTP reaches the replicas (see ingress_environment) -> the setting that turns it on.

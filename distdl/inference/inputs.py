@@ -6,11 +6,13 @@ message that names the problem, so the service can reply 4xx and keep serving.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from distdl.data.transforms import decode_image, resize_uint8
 
@@ -56,6 +58,16 @@ def decode(data: bytes, *, input_shape: tuple[int, int, int], limits: Limits,
     except ValueError as exc:
         status = 413 if "larger than" in str(exc) else 400
         raise BadInput(f"{what}: {exc}", status=status) from None
+
+
+def pixels(data: bytes) -> int:
+    """The pixels an encoded image's header declares, 0 where there is no readable header:
+    what decoding it will cost, known before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # Pillow raises many types on bad data; decode() names the problem
+        return 0
 
 
 def count_instances(n: int, limits: Limits) -> None:

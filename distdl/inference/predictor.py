@@ -72,6 +72,12 @@ class Predictor:
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
+    def predict_in_passes(self, images: np.ndarray, size: int) -> np.ndarray:
+        """`predict` in forward passes of at most `size` images, so that the memory of a pass
+        stays bounded however many images come."""
+        return np.concatenate([self.predict(images[start:start + size])
+                               for start in range(0, len(images), size)])
+
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """The model in eval mode, with each batch norm that follows a convolution folded into that

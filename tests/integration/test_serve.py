@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from distdl.config import DataConfig, ModelConfig
-from distdl.inference import AUTO_WAIT_MS, deploy
+from distdl.inference import AUTO_WAIT_MS, deploy, serve_app
 from distdl.inference.predictor import Predictor
 from distdl.models import build_model
 from distdl.train import checkpoint, rundir
@@ -186,11 +186,41 @@ def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
         "nan": ({"data": json.dumps({"instances": [[[float("nan")] * 8] * 8]}), **as_json}, 400),
         "infinity": ({"data": '{"instances": [[[Infinity]]]}', **as_json}, 400),
         "out of range": ({"data": json.dumps({"instances": [[[300] * 8] * 8]}), **as_json}, 400),
+        # Beyond a float64 (as an array it would overflow), and beyond Python's digit limit.
+        "huge integer": ({"data": '{"instances": [[[1%s]]]}' % ("0" * 400), **as_json}, 400),
+        "huger integer": ({"data": '{"instances": [[[9%s]]]}' % ("0" * 5000), **as_json}, 400),
         "too many": ({"data": json.dumps({"instances": [instance] * 9}), **as_json}, 413),
         "no instances": ({"data": json.dumps({"instances": []}), **as_json}, 400),
         "bad multipart": ({"data": b"junk", "headers": {
             "Content-Type": "multipart/form-data; boundary=x"}}, 400),
     }
+
+
+def test_large_inputs_decoded_off_the_event_loop_get_the_same_answers(served, validation):
+    """Inputs past INLINE_PIXELS or INLINE_JSON_BYTES decode on a worker thread; small ones
+    inline. Digits scaled up 25x (200x200, resized back by the replica) take the thread path."""
+    images, _ = validation
+    large = [np.kron(images[i].squeeze(-1), np.ones((25, 25), np.uint8))[..., None]
+             for i in range(3)]
+    assert len(large) * 200 * 200 > serve_app.INLINE_PIXELS
+    files = [("files", (f"{i}.png", _png(image), "image/png")) for i, image in enumerate(large)]
+    multipart = requests.post(f"{BASE}/vision/predict", files=files, timeout=60)
+    body = json.dumps({"instances": [image.squeeze(-1).tolist() for image in large]})
+    assert len(body) > serve_app.INLINE_JSON_BYTES
+    as_json = requests.post(f"{BASE}/vision/predict", data=body, timeout=60,
+                            headers={"Content-Type": "application/json"})
+    one_by_one = [_post_png("/vision/predict", image) for image in large]  # 40,000 px: inline
+    expected = [reply.json()["predictions"][0]["top_k"] for reply in one_by_one]
+    for reply in (multipart, as_json):
+        assert reply.status_code == 200, reply.text
+        for got, want in zip(reply.json()["predictions"], expected):
+            assert [s["class_index"] for s in got["top_k"]] == [s["class_index"] for s in want]
+            assert got["top_k"][0]["probability"] == pytest.approx(want[0]["probability"],
+                                                                   abs=1e-5)
+    png = _png(large[1])
+    files[1] = ("files", ("broken.png", png[: len(png) // 2], "image/png"))
+    broken = requests.post(f"{BASE}/vision/predict", files=files, timeout=60)
+    assert broken.status_code == 400 and "broken.png" in broken.json()["error"]
 
 
 @pytest.mark.parametrize("case", list(_bad_requests(np.zeros((8, 8, 1), np.uint8))))
@@ -228,8 +258,8 @@ def test_query_prints_predictions(served, validation, tmp_path):
         name = _post_png("/vision/predict", images[i]).json()["predictions"][0]["class_name"]
         assert f"{path}: {name}  (" in done.stdout
     for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "no such file"),
-                        ((f"{BASE}/healthz", str(paths[0])), "answered without predictions"),
-                        ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "more than 0")):
+                        ((f"{BASE}/healthz", str(paths[0])), "answered without distdl's"),
+                        ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "above 0")):
         bad = run_cli("query", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
         assert words in bad.stderr, bad.stderr
@@ -281,6 +311,16 @@ def slow_checkpoint(tmp_path) -> str:
                                 normalization={"mean": [0.5] * 3, "std": [0.25] * 3},
                                 data=DataConfig(source="shapes"))
     return str(checkpoint.save(tmp_path / "slow", model, meta))
+
+
+def test_an_update_to_another_input_shape_is_refused(ray_address, served, slow_checkpoint):
+    before = requests.get(f"{BASE}/vision/model", timeout=10).json()
+    done = run_cli("serve", "update", "vision", "--checkpoint", slow_checkpoint,
+                   address=ray_address)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "takes images of shape [3, 224, 224] (C, H, W), the running one [1, 8, 8]" in done.stderr
+    after = requests.get(f"{BASE}/vision/model", timeout=10).json()
+    assert after["model_version"] == before["model_version"]
 
 
 def test_overload_gets_503_with_retry_after_quickly(ray_address, served, slow_checkpoint):
@@ -384,7 +424,6 @@ def test_serve_refuses_bad_checkpoints_and_options_in_one_line(checkpoints, tmp_
         "not both": ("serve", checkpoints[0], "--replicas", "2", "--max-replicas", "3"),
         "would mount at /vision": ("serve", "build", checkpoints[0], checkpoints[1]),
         "no folder": ("serve", "build", checkpoints[0], "-o", str(tmp_path / "no" / "s.yaml")),
-        "must be at least 1": ("serve", checkpoints[0], "--max-batch-size", "0"),
         "its nodes' environment chooses: RAY_SERVE_ENABLE_HA_PROXY=1": (
             "serve", checkpoints[0], "--ingress", "haproxy", "--address", "127.0.0.1:1"),
     }

@@ -33,6 +33,14 @@ def _trained_like(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def _save(directory, name: str, model: nn.Module) -> None:
+    """A checkpoint of `model` for 16x16 RGB images of 10 classes."""
+    meta = checkpoint.make_meta(model=ModelConfig(name=name, dropout=0.0),
+                                classes=[str(c) for c in range(10)], input_shape=(3, 16, 16),
+                                normalization={"mean": MEAN, "std": STD}, data=DataConfig())
+    checkpoint.save(directory, model, meta)
+
+
 def _batch_norms(model: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
@@ -71,13 +79,22 @@ def test_a_model_that_cannot_be_traced_runs_unfolded(caplog):
 
 def test_predict_applies_training_preprocessing(tmp_path):
     model = _trained_like("resnet18")
-    meta = checkpoint.make_meta(model=ModelConfig(name="resnet18", dropout=0.0),
-                                classes=[str(c) for c in range(10)], input_shape=(3, 16, 16),
-                                normalization={"mean": MEAN, "std": STD}, data=DataConfig())
-    checkpoint.save(tmp_path, model, meta)
+    _save(tmp_path, "resnet18", model)
     images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     probs = Predictor.from_checkpoint(tmp_path, torch.device("cpu")).predict(images)
     with torch.inference_mode():
         logits = model(normalize(to_float_chw(images), MEAN, STD))
     assert probs.shape == (5, 10) and probs.dtype == np.float32
     assert np.allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=1e-5)
+
+
+def test_many_images_are_predicted_in_passes_of_bounded_size(tmp_path):
+    _save(tmp_path, "small_cnn", _trained_like("small_cnn"))
+    predictor = Predictor.from_checkpoint(tmp_path, torch.device("cpu"))
+    images = np.random.default_rng(2).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    whole = predictor.predict(images)
+    passes = []
+    predict = predictor.predict
+    predictor.predict = lambda part: passes.append(len(part)) or predict(part)
+    assert np.allclose(predictor.predict_in_passes(images, 3), whole, atol=1e-5)
+    assert passes == [3, 3, 1]
