@@ -190,6 +190,10 @@ def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
         "huge integer": ({"data": '{"instances": [[[1%s]]]}' % ("0" * 400), **as_json}, 400),
         "huger integer": ({"data": '{"instances": [[[9%s]]]}' % ("0" * 5000), **as_json}, 400),
         "too many": ({"data": json.dumps({"instances": [instance] * 9}), **as_json}, 413),
+        "too many files": ({"files": [("files", (f"{i}.png", png, "image/png"))
+                                      for i in range(9)]}, 413),
+        "far too many files": ({"files": [("files", (f"{i}.png", png, "image/png"))
+                                          for i in range(12)]}, 413),
         "no instances": ({"data": json.dumps({"instances": []}), **as_json}, 400),
         "bad multipart": ({"data": b"junk", "headers": {
             "Content-Type": "multipart/form-data; boundary=x"}}, 400),
