@@ -282,6 +282,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    if value is not None and not isinstance(value, str) and _is_text_field(key.strip()):
+        value = text  # --set name=2024-01-01 names a run; YAML would read a date
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
@@ -289,6 +291,19 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: '{part}' is not a section")
     node[leaf] = value
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether `key` (a dotted field name) names a str field of Config, optional or not."""
+    kind: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        if part not in hints:
+            return False
+        kind = hints[part]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return str in typing.get_args(kind)
+    return kind is str
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

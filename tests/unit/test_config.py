@@ -24,6 +24,14 @@ def test_overrides_parse_values_by_field_type(tmp_path):
     assert cfg.model.batch_norm is False
 
 
+def test_text_fields_keep_the_text_that_yaml_would_read_as_a_date_or_number():
+    cfg = resolve(recipes.get("debug"), None, ["name=2024-01-01", "data.label_column=007",
+                                              "data.image_column=1.50"])
+    assert (cfg.name, cfg.data.label_column, cfg.data.image_column) == ("2024-01-01", "007", "1.50")
+    spaced = resolve(recipes.get("debug"), None, ["tune.space={optim.lr: {choice: [0.1]}}"])
+    assert spaced.tune.space == {"optim.lr": {"choice": [0.1]}}  # a mapping stays one
+
+
 def test_a_config_file_replaces_the_recipe_search_space(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("tune:\n  num_samples: 3\n  space:\n    optim.lr: {choice: [0.1, 0.01]}\n")
