@@ -179,11 +179,11 @@ def _json_images(body: bytes, shape: tuple[int, int, int], limits: Limits) -> np
 async def _multipart_images(request: Request, shape: tuple[int, int, int],
                             limits: Limits) -> np.ndarray:
     try:
-        form = await request.form(max_files=limits.max_instances + 1)
+        form = await request.form(max_files=limits.max_instances)
     except Exception as exc:  # Starlette and python-multipart raise several types for bad bodies
         if "Too many files" in str(exc):  # Starlette stops reading past max_files
-            raise BadInput(f"more than {limits.max_instances + 1} images in one request; the "
-                           f"limit is {limits.max_instances}", status=413) from None
+            raise BadInput(f"more than {limits.max_instances} images in one request, the "
+                           "limit", status=413) from None
         raise BadInput(f"malformed multipart body: {exc}") from None
     files = [value for _, value in form.multi_items() if hasattr(value, "read")]
     inputs.count_instances(len(files), limits)
