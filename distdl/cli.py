@@ -526,9 +526,8 @@ def _serve_settings(args):
         raise UserError("give --replicas or --min-replicas/--max-replicas, not both")
     low = args.min_replicas if args.min_replicas is not None else 1
     high = args.max_replicas if args.max_replicas is not None else max(low, 1)
-    if autoscale and not 0 <= low <= high or high < 1:
-        raise UserError(f"need 0 <= --min-replicas ({low}) <= --max-replicas ({high}), and "
-                        "--max-replicas >= 1")
+    if autoscale and low > high:  # argparse has bounded each (min >= 0, max >= 1)
+        raise UserError(f"need --min-replicas ({low}) <= --max-replicas ({high})")
     return ServeOptions(
         replicas=None if autoscale else (args.replicas or 1), min_replicas=low, max_replicas=high,
         target_ongoing_requests=args.target_ongoing_requests, max_batch_size=args.max_batch_size,
