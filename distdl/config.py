@@ -152,7 +152,8 @@ TRAINING_METRICS = ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_
 @dataclass(kw_only=True)
 class TuneConfig:
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Search space: dotted field -> {loguniform|uniform|randint: [low, high]} or {choice|grid: [...]}."""
+    """Search space: dotted field -> {loguniform|uniform: [low, high]}, {randint: [low, high]} or
+    [low, high, step], or {choice|grid: [...]} (`distdl.tune.space`)."""
     num_samples: int = 8
     """Configs drawn from the space (with `grid` entries: draws per grid point)."""
     scheduler: Literal["asha", "fifo"] = "asha"

@@ -6,10 +6,12 @@ A space maps dotted config fields to one sampling spec each:
     optim.weight_decay: {uniform: [0.0, 1.0e-3]}
     model.width:        {choice: [8, 16, 32]}
     model.depth:        {randint: [1, 3]}                 # both ends included
+    train.batch_size:   {randint: [32, 256, 32]}          # with a step: 32, 64, ..., 256
     optim.optimizer:    {grid: [sgd, adamw]}              # every value, num_samples times each
 
 Every bound and listed value is checked by building a Config with it, so a value the field
-would refuse (a negative learning rate, a string for an int) fails here, before Ray starts.
+would refuse (a negative learning rate, a string for an int) fails here, before Ray starts. An
+integer range is checked at its two lowest values and its highest (`_checked_values`).
 No Ray import at module level: the checks run in unit tests without Ray.
 """
 
@@ -39,6 +41,8 @@ class Param:
     kind: str
     values: tuple[Any, ...]
     """[low, high] for the range kinds, the candidates for choice and grid."""
+    step: int = 1
+    """randint only: the values drawn are low, low + step, ..., high."""
 
 
 def parse(cfg: Config) -> list[Param]:
@@ -63,6 +67,8 @@ def _param(name: str, spec: Any) -> Param:
         raise UserError(f"tune.space.{name} must be one mapping such as {{loguniform: [low, high]}}"
                         f"; got {spec!r}")
     ((kind, values),) = spec.items()
+    if kind == "randint":
+        return _int_range(name, values)
     if kind in RANGE_KINDS:
         return Param(name, kind, _range(name, kind, values))
     if kind in LIST_KINDS:
@@ -88,11 +94,26 @@ def _range(name: str, kind: str, values: Any) -> tuple[float, float]:
         raise UserError(f"{where}: low ({low:g}) must be below high ({high:g})")
     if kind == "loguniform" and low <= 0:
         raise UserError(f"{where}: a log scale needs bounds > 0; got low {low:g}")
-    if kind == "randint":
-        if not (low.is_integer() and high.is_integer()):
-            raise UserError(f"{where} needs integer bounds; got {values!r}")
-        return int(low), int(high)
     return low, high
+
+
+def _int_range(name: str, values: Any) -> Param:
+    """randint: [low, high] or [low, high, step]; low and high are both drawn."""
+    where = f"tune.space.{name}.randint"
+    if not isinstance(values, list) or len(values) not in (2, 3):
+        raise UserError(f"{where} needs [low, high] or [low, high, step]; got {values!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{where} needs integer bounds; got {values!r}")
+    low, high, step = (*values, 1)[:3]
+    if low >= high:
+        raise UserError(f"{where}: low ({low}) must be below high ({high})")
+    if step < 1:
+        raise UserError(f"{where}: the step must be >= 1; got {step}")
+    if low % step or high % step:
+        raise UserError(f"{where}: low and high must be multiples of the step ({step}); got "
+                        f"{values!r}, e.g. [{step * max(1, low // step)}, "
+                        f"{step * max(1, high // step)}, {step}]")
+    return Param(name, "randint", (low, high), step)
 
 
 def _check_field(name: str) -> None:
@@ -117,12 +138,24 @@ def _check_field(name: str) -> None:
 
 def _check_values(cfg: Config, param: Param) -> None:
     """Build a Config with each bound or candidate: the field's own checks judge the value."""
-    for value in param.values:
+    for value in _checked_values(param):
         try:
             apply(cfg, {param.field: value})
         except UserError as exc:
+            hint = ("; a range can step over values: [low, high, step]"
+                    if param.kind == "randint" and param.step == 1 else "")
             raise UserError(f"tune.space.{param.field}.{param.kind}: value {value!r} is not "
-                            f"valid: {exc}") from None
+                            f"valid: {exc}{hint}") from None
+
+
+def _checked_values(param: Param) -> tuple[Any, ...]:
+    """The values that stand for all: a field's bounds are checked at the ends of a range. An
+    integer range's two lowest values are checked too: when both divide by n, so does the step,
+    and then every value does (train.batch_size must divide among train.num_workers)."""
+    if param.kind != "randint":
+        return param.values
+    low, high = param.values
+    return (low, low + param.step, high)
 
 
 def apply(cfg: Config, values: dict[str, Any]) -> Config:
@@ -139,10 +172,20 @@ def to_tune(params: list[Param]) -> dict[str, Any]:
     from ray import tune
 
     samplers = {
-        "loguniform": lambda v: tune.loguniform(*v),
-        "uniform": lambda v: tune.uniform(*v),
-        "randint": lambda v: tune.randint(v[0], v[1] + 1),  # Tune's high is exclusive
-        "choice": lambda v: tune.choice(list(v)),
-        "grid": lambda v: tune.grid_search(list(v)),
+        "loguniform": lambda p: tune.loguniform(*p.values),
+        "uniform": lambda p: tune.uniform(*p.values),
+        "randint": _int_sampler,
+        "choice": lambda p: tune.choice(list(p.values)),
+        "grid": lambda p: tune.grid_search(list(p.values)),
     }
-    return {p.field: samplers[p.kind](p.values) for p in params}
+    return {p.field: samplers[p.kind](p) for p in params}
+
+
+def _int_sampler(param: Param) -> Any:
+    """Both ends drawn: Tune's randint, and its qrandint for a step of 1, exclude the high end."""
+    from ray import tune
+
+    low, high = param.values
+    if param.step == 1:
+        return tune.randint(low, high + 1)
+    return tune.qrandint(low, high, param.step)

@@ -1,7 +1,8 @@
-"""The search space of `distdl tune`: parsing and validation, no Ray."""
+"""The search space of `distdl tune`: parsing and validation, no Ray instance."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from distdl import config, recipes
@@ -26,6 +27,22 @@ def test_every_kind_parses_and_ranges_read_yaml_1_1_numbers():
     assert params["optim.lr"].values == (1e-4, 0.1)
     assert params["model.depth"].values == (1, 3)
     assert params["optim.optimizer"] == space.Param("optim.optimizer", "grid", ("sgd", "adamw"))
+
+
+def test_an_integer_range_draws_both_ends_and_only_its_steps():
+    cfg = _cfg({"space": {"model.depth": {"randint": [1, 3]},
+                          "train.batch_size": {"randint": [32, 256, 32]}}})
+    samplers = space.to_tune(space.parse(cfg))
+    rng = np.random.default_rng(0)
+    drawn = {field: set(sampler.sample(size=500, random_state=rng))
+             for field, sampler in samplers.items()}
+    assert drawn["model.depth"] == {1, 2, 3}
+    assert drawn["train.batch_size"] == set(range(32, 257, 32))
+
+
+def test_a_range_without_a_step_says_how_to_add_one():
+    with pytest.raises(UserError, match=r"a range can step over values: \[low, high, step\]"):
+        space.parse(_cfg({"space": {"train.batch_size": {"randint": [32, 256]}}}))
 
 
 def test_the_recipe_space_is_valid():
@@ -55,6 +72,12 @@ def test_apply_sets_sampled_values_and_keeps_the_rest():
      "optim.weight_decay must be >= 0"),
     ({"space": {"model.width": {"uniform": [8, 16]}}}, "model.width must be of type int"),
     ({"space": {"model.depth": {"randint": [1.5, 3]}}}, "needs integer bounds"),
+    ({"space": {"model.depth": {"randint": [1, 3, 0]}}}, "the step must be >= 1; got 0"),
+    ({"space": {"train.batch_size": {"randint": [30, 250, 32]}}},
+     "low and high must be multiples of the step (32); got [30, 250, 32], e.g. [32, 224, 32]"),
+    ({"space": {"train.batch_size": {"randint": [32, 256]}}},
+     "value 33 is not valid: train.batch_size (33) must divide evenly among train.num_workers"),
+    ({"space": {"train.batch_size": {"randint": [6, 12, 3]}}}, "value 9 is not valid"),
     ({"space": {"optim.lr": {"normal": [0, 1]}}}, "unknown kind 'normal'"),
     ({"space": {"optim.lr": {"uniform": [0.1]}}}, "needs [low, high]"),
     ({"space": {"optim.lr": {"choice": []}}}, "needs a non-empty list"),
