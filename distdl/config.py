@@ -20,6 +20,10 @@ import yaml
 from distdl.errors import UserError
 
 
+IMAGE_SIDES = (4, 1024)
+"""The sides in pixels that images are trained at, from data.image_size or a file source."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "digits"
@@ -41,8 +45,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
-        _check(self.image_size is None or 4 <= self.image_size <= 1024,
-               "data.image_size must be between 4 and 1024 pixels (or null)")
+        low, high = IMAGE_SIDES
+        _check(self.image_size is None or low <= self.image_size <= high,
+               f"data.image_size must be between {low} and {high} pixels (or null)")
         _check(self.num_samples >= 20, "data.num_samples must be at least 20")
         _check(self.cache_max_mb >= 0, "data.cache_max_mb must be >= 0")
 

@@ -5,9 +5,11 @@ Sources (`DataConfig.source`):
 - ``digits``: scikit-learn's 1,797 handwritten digits, 8x8 grayscale, scaled from 0..16 to 0..255.
 - ``shapes``: generated colour images of eight geometric shapes (`generate_shapes`).
 - ``imagefolder:PATH``: one sub-folder per class (sorted folder names are the classes).
-- ``parquet:PATH``: a Parquet file or folder; `image_column` holds encoded images (bytes) or
-  pixel arrays (H x W, H x W x C, C x H x W, or flat with a square side; integers are read as
-  0..255, floats as 0..1), `label_column` holds integers or strings.
+- ``parquet:PATH``: a Parquet file or folder; `image_column` holds encoded images (bytes, or
+  structs with a `bytes` field as Hugging Face's datasets writes them) or pixel arrays (H x W,
+  H x W x C, C x H x W, or flat with a square side; integers are read as 0..255, floats as
+  0..1), `label_column` holds integers or strings (pandas categoricals too); its sorted distinct
+  values are the classes.
 - ``cifar10:PATH``: the python-pickle CIFAR-10 batches (PATH or PATH/cifar-10-batches-py). All six
   batches are pooled and split like every other source, so `val_fraction` means the same
   everywhere (1/6 gives the usual 50,000 / 10,000 sizes).
@@ -15,7 +17,8 @@ Sources (`DataConfig.source`):
 Every dataset has the columns ``image`` (uint8, H x W x C) and ``label`` (int64).
 
 Size and channels: images are resized to `image_size` when it is set; otherwise file sources
-are resized to the size of their first readable image (in path order for folders). Folder and
+are resized to the size of their first readable image (in path order for folders), which must
+lie within data.image_size's bounds. Folder and
 Parquet images become RGB, or single-channel when every image is grayscale (R == G == B in
 every pixel, as for mode-L files), so a grayscale folder does not pay for three channels.
 
@@ -56,7 +59,7 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 from ray.data.dataset import MaterializedDataset
 
-from distdl.config import DataConfig
+from distdl.config import IMAGE_SIDES, DataConfig
 from distdl.data.transforms import decode_image, resize_uint8
 from distdl.errors import UserError
 
@@ -101,14 +104,20 @@ def check_source(source: str) -> Path | None:
                     "parquet:PATH or cifar10:PATH")
 
 
-def load_images(cfg: DataConfig) -> ImageData:
-    """Load the source named by `cfg.source`, split into train and validation."""
+def load_images(cfg: DataConfig, *, size: tuple[int, int] | None = None,
+                whole: bool = False) -> ImageData:
+    """Load the source named by `cfg.source`, split into train and validation.
+
+    `size` (H, W) overrides `cfg.image_size`, for a model whose input is not square. `whole`:
+    every image is wanted, as by evaluation, so a split that leaves one side empty is no error.
+    """
     path = check_source(cfg.source)
+    size = size or ((cfg.image_size, cfg.image_size) if cfg.image_size else None)
     if path is None:
-        images, labels, classes = _digits() if cfg.source == "digits" else _shapes(cfg)
-        data = _from_arrays(images, labels, classes, cfg)
+        images, labels, classes = _digits() if cfg.source == "digits" else _shapes(cfg, size)
+        data = _from_arrays(images, labels, classes, cfg, size, whole)
     else:
-        data = _FILE_LOADERS[cfg.source.partition(":")[0]](cfg, path)
+        data = _FILE_LOADERS[cfg.source.partition(":")[0]](cfg, path, size, whole)
     log.info("%s: %d classes, images of shape %s (C, H, W), %d skipped", cfg.source,
              len(data.classes), data.image_shape, data.skipped)
     return data
@@ -151,23 +160,49 @@ def _digits_table() -> np.ndarray:
     return np.column_stack([digits.data, digits.target])
 
 
-def _shapes(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    images, labels = generate_shapes(cfg.num_samples, cfg.image_size or SHAPES_SIDE, cfg.seed)
+def _shapes(cfg: DataConfig, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    # Drawn square at the larger side; _from_arrays resizes a (H, W) that is not square.
+    images, labels = generate_shapes(cfg.num_samples, max(size or (SHAPES_SIDE,)), cfg.seed)
     return images, labels, list(SHAPE_CLASSES)
 
 
-def _cifar10(cfg: DataConfig, path: Path) -> ImageData:
+def _cifar10(cfg: DataConfig, path: Path, size: tuple[int, int] | None, whole: bool) -> ImageData:
     root = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-    files = [root / name for name in _CIFAR_BATCHES if (root / name).is_file()]
-    if not (root / "batches.meta").is_file() or not files:
+    if not (root / "batches.meta").is_file():
         raise UserError(f"{root} is not a CIFAR-10 folder: expected batches.meta and data_batch_1.."
                         "data_batch_5 / test_batch (the python version, cifar-10-batches-py)")
-    parts = [_unpickle(f) for f in files]
-    images = np.concatenate([np.asarray(p["data"], np.uint8) for p in parts])
-    images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW planes
-    labels = np.concatenate([np.asarray(p["labels"], np.int64) for p in parts])
-    classes = [_text(name) for name in _unpickle(root / "batches.meta")["label_names"]]
-    return _from_arrays(np.ascontiguousarray(images), labels, classes, cfg)
+    present = [name for name in _CIFAR_BATCHES if (root / name).is_file()]
+    if not present:
+        raise UserError(f"{root} holds none of the CIFAR-10 batches data_batch_1..data_batch_5 "
+                        "and test_batch")
+    if len(present) < len(_CIFAR_BATCHES):
+        log.warning("%s: reading only %s of the six CIFAR-10 batches", root, ", ".join(present))
+    parts = [_cifar_batch(root / name) for name in present]
+    images = np.concatenate([images for images, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts])
+    names = _unpickle(root / "batches.meta").get("label_names")
+    if not isinstance(names, list) or len(names) <= labels.max():
+        raise UserError(f"{root / 'batches.meta'} does not name the {labels.max() + 1} classes "
+                        "its batches use (label_names)")
+    classes = [_text(name) for name in names]
+    return _from_arrays(images, labels, classes, cfg, size, whole)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch's images (N, 32, 32, 3) and labels, checked to belong together."""
+    batch = _unpickle(path)
+    try:
+        data = np.asarray(batch["data"], np.uint8)
+        labels = np.asarray(batch["labels"], np.int64)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path} is not a CIFAR-10 batch: it needs 'data' (N x 3072 bytes) "
+                        "and 'labels' (N integers)") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),) \
+            or (len(labels) and labels.min() < 0):
+        raise UserError(f"{path} is not a CIFAR-10 batch: {data.shape} data for "
+                        f"{labels.shape} labels; expected N x 3072 and N labels >= 0")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW planes
+    return np.ascontiguousarray(images), labels
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -189,6 +224,9 @@ def _unpickle(path: Path) -> dict[str, Any]:
             raw = _ArrayUnpickler(f, encoding="bytes").load()  # the batches are Python 2 pickles
     except Exception as exc:  # pickle raises many types on damaged files
         raise UserError(f"{path} is not a readable CIFAR-10 batch: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a CIFAR-10 batch: it holds a {type(raw).__name__}, "
+                        "not a dict")
     return {_text(k): v for k, v in raw.items()}
 
 
@@ -196,13 +234,14 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _from_arrays(images: np.ndarray, labels: np.ndarray, classes: list[str],
-                 cfg: DataConfig) -> ImageData:
+def _from_arrays(images: np.ndarray, labels: np.ndarray, classes: list[str], cfg: DataConfig,
+                 size: tuple[int, int] | None, whole: bool) -> ImageData:
     """Resize (when asked), split and wrap in-memory images as Ray Datasets."""
-    if cfg.image_size and images.shape[1:3] != (cfg.image_size, cfg.image_size):
-        images = np.stack([resize_uint8(image, cfg.image_size) for image in images])
+    if size and images.shape[1:3] != size:
+        images = np.stack([resize_uint8(image, size) for image in images])
     train, val = _split_indices(labels, cfg.val_fraction, cfg.seed)
-    _check_split(len(train), len(val), cfg.source)
+    if not whole:
+        _check_split(len(train), len(val), cfg.source)
     height, width, channels = images.shape[1:]
     return ImageData(train=_to_dataset(images[train], labels[train]),
                      val=_to_dataset(images[val], labels[val]),
@@ -299,7 +338,8 @@ _SHAPE_MASKS: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = [
 # ---------------------------------------------------------------- file sources
 
 
-def _imagefolder(cfg: DataConfig, root: Path) -> ImageData:
+def _imagefolder(cfg: DataConfig, root: Path, size: tuple[int, int] | None,
+                 whole: bool) -> ImageData:
     if not root.is_dir():
         raise UserError(f"imagefolder {root} is not a folder (expected one sub-folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -311,12 +351,12 @@ def _imagefolder(cfg: DataConfig, root: Path) -> ImageData:
     if not files:
         raise UserError(f"imagefolder {root} has no image files ({' '.join(IMAGE_EXTENSIONS)}) "
                         "in its class folders")
-    size = _target_size(cfg.image_size, (Path(f).read_bytes() for f in files), str(root))
+    size = size or _first_size((Path(f).read_bytes() for f in files), str(root))
     decoded = ray.data.read_binary_files(files, include_paths=True).map_batches(
         _decode_folder_batch, batch_format="numpy", batch_size=_DECODE_BATCH,
         fn_kwargs={"root": str(root), "classes": classes, "size": size,
                    "seed": cfg.seed, "val_fraction": cfg.val_fraction})
-    return _finish(decoded, classes, size, cfg.source)
+    return _finish(decoded, classes, size, cfg.source, whole)
 
 
 def _decode_folder_batch(batch: dict[str, np.ndarray], *, root: str, classes: list[str],
@@ -328,7 +368,7 @@ def _decode_folder_batch(batch: dict[str, np.ndarray], *, root: str, classes: li
     return _decode_batch(batch["bytes"], labels, keys, size, seed, val_fraction)
 
 
-def _parquet(cfg: DataConfig, path: Path) -> ImageData:
+def _parquet(cfg: DataConfig, path: Path, size: tuple[int, int] | None, whole: bool) -> ImageData:
     raw = _read_parquet(path)
     schema = raw.schema()
     for column, name in ((cfg.image_column, "image_column"), (cfg.label_column, "label_column")):
@@ -338,14 +378,14 @@ def _parquet(cfg: DataConfig, path: Path) -> ImageData:
     raw = raw.select_columns([cfg.image_column, cfg.label_column])
     label_type = schema.types[schema.names.index(cfg.label_column)]
     classes, index = _parquet_classes(raw, cfg.label_column, label_type, path)
-    probe = (row[cfg.image_column] for row in raw.take(_PROBE_LIMIT))
-    size = _target_size(cfg.image_size, probe, str(path))
+    probe = (_unwrap(row[cfg.image_column]) for row in raw.take(_PROBE_LIMIT))
+    size = size or _first_size(probe, str(path))
     decoded = raw.map_batches(
         _decode_table_batch, batch_format="numpy", batch_size=_DECODE_BATCH,
         fn_kwargs={"image_column": cfg.image_column, "label_column": cfg.label_column,
                    "index": index, "size": size, "seed": cfg.seed,
                    "val_fraction": cfg.val_fraction})
-    return _finish(decoded, classes, size, cfg.source)
+    return _finish(decoded, classes, size, cfg.source, whole)
 
 
 def _read_parquet(path: Path) -> ray.data.Dataset:
@@ -366,29 +406,36 @@ def _read_parquet(path: Path) -> ray.data.Dataset:
 
 
 def _parquet_classes(raw: ray.data.Dataset, column: str, kind: pa.DataType,
-                     path: Path) -> tuple[list[str], dict[str, int] | None]:
-    """Class names, and the name -> label map for string labels (None: integers are the labels)."""
+                     path: Path) -> tuple[list[str], dict[Any, int]]:
+    """Class names and the label -> class index map: the sorted distinct labels, so that
+    integer labels such as 1..10, or 0 and 5,000,000, make as many classes as they have values."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type  # pandas' categorical columns
     if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"parquet {path}: label column '{column}' holds {kind}; "
                         "labels must be integers or strings")
-    values = raw.unique(column)
+    values = raw.unique(column) or []  # None for a file with no rows
+    if not values:
+        raise UserError(f"parquet {path} has no rows")
     if any(v is None for v in values):
         raise UserError(f"parquet {path}: label column '{column}' has missing (null) labels")
-    if not pa.types.is_integer(kind):
-        classes = sorted(values)
-        return classes, {name: i for i, name in enumerate(classes)}
-    if min(values) < 0:
-        raise UserError(f"parquet {path}: label column '{column}' has negative labels")
-    return [str(i) for i in range(max(values) + 1)], None
+    ordered = sorted(values)
+    return [str(v) for v in ordered], {v: i for i, v in enumerate(ordered)}
 
 
 def _decode_table_batch(batch: dict[str, np.ndarray], *, image_column: str, label_column: str,
-                        index: dict[str, int] | None, size: tuple[int, int], seed: int,
+                        index: dict[Any, int], size: tuple[int, int], seed: int,
                         val_fraction: float) -> dict[str, np.ndarray]:
-    raws = batch[image_column]
-    labels = batch[label_column] if index is None else [index[v] for v in batch[label_column]]
+    raws = [_unwrap(raw) for raw in batch[image_column]]
+    labels = [index[v] for v in batch[label_column]]
     keys = [_content_key(raw) for raw in raws]
     return _decode_batch(raws, labels, keys, size, seed, val_fraction)
+
+
+def _unwrap(raw: Any) -> Any:
+    """The encoded bytes of an image column of structs {bytes, path}, as Hugging Face's
+    datasets writes images; any other value as it is."""
+    return raw.get("bytes") if isinstance(raw, dict) else raw
 
 
 def _content_key(raw: Any) -> bytes:
@@ -400,15 +447,20 @@ def _content_key(raw: Any) -> bytes:
     return np.ascontiguousarray(raw).tobytes()
 
 
-def _target_size(image_size: int | None, raws: Iterable[Any], where: str) -> tuple[int, int]:
-    """(H, W) every image is resized to: image_size, else the first readable image's size."""
-    if image_size:
-        return image_size, image_size
+def _first_size(raws: Iterable[Any], where: str) -> tuple[int, int]:
+    """(H, W) of the first readable image, which every image is resized to when data.image_size
+    is not set; within data.image_size's own bounds, so one odd file cannot set a useless size."""
     for raw in islice(raws, _PROBE_LIMIT):
         try:
-            return _to_rgb(raw, None).shape[:2]
+            height, width = _to_rgb(raw, None).shape[:2]
         except ValueError:
             continue
+        low, high = IMAGE_SIDES
+        if not (low <= min(height, width) and max(height, width) <= high):
+            raise UserError(f"the first image in {where} is {height}x{width} pixels, and every "
+                            f"image would be resized to that; set data.image_size "
+                            f"({low} to {high})")
+        return height, width
     raise UserError(f"none of the first {_PROBE_LIMIT} images in {where} could be decoded "
                     "(truncated files, or not images?)")
 
@@ -483,7 +535,7 @@ def _unflatten(flat: np.ndarray) -> np.ndarray:
 
 
 def _finish(decoded: ray.data.Dataset, classes: list[str], size: tuple[int, int],
-            source: str) -> ImageData:
+            source: str, whole: bool) -> ImageData:
     """Decode once, count what was skipped, and split into lazy train/val views."""
     decoded = decoded.materialize()
     totals = _tally(decoded)
@@ -493,7 +545,8 @@ def _finish(decoded: ray.data.Dataset, classes: list[str], size: tuple[int, int]
     if skipped:
         log.warning("%s: skipped %d of %d images that could not be decoded (corrupt, not an "
                     "image, or over %d pixels)", source, skipped, totals["rows"], MAX_PIXELS)
-    _check_split(totals["ok"] - totals["val"], totals["val"], source)
+    if not whole:
+        _check_split(totals["ok"] - totals["val"], totals["val"], source)
     channels = 1 if totals["gray"] == totals["ok"] else 3
     return ImageData(train=_view(decoded, False, channels), val=_view(decoded, True, channels),
                      classes=classes, image_shape=(channels, *size), skipped=skipped)

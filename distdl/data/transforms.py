@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,9 @@ def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: i
                 raise ValueError(f"image of {img.width}x{img.height} pixels is larger than "
                                  f"{max_pixels} pixels")
             img.load()  # decodes; raises on bad data
+            ImageOps.exif_transpose(img, in_place=True)  # a phone photo's pixels lie sideways
+            if img.mode in _WIDE_MODES:
+                img = _to_8_bit(img)
             mode = "L" if channels == 1 else "RGB"
             if img.mode != mode:  # each step copies the image: skip those with nothing to do
                 img = img.convert(mode)
@@ -103,6 +106,18 @@ def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: i
     except Exception as exc:  # Pillow's decoders raise many types on corrupt data
         raise ValueError(f"not a readable image: {exc}") from None
     return pixels[..., None] if channels == 1 else pixels
+
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+"""Pillow's modes of 16-bit and 32-bit pixels, which its own convert() clips at 255."""
+
+
+def _to_8_bit(img: Image.Image) -> Image.Image:
+    """A one-channel image of wide pixels -> mode L: integers (16-bit PNG and TIFF files open as
+    I;16 or I) are read as 0..65535, floats as 0..1, the convention of float pixel arrays."""
+    pixels = np.asarray(img, dtype=np.float64)
+    scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray((np.clip(pixels * scale, 0.0, 255.0) + 0.5).astype(np.uint8), "L")
 
 
 def _hw(size: Size) -> tuple[int, int]:

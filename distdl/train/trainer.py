@@ -47,6 +47,9 @@ class PreparedData:
 
 def prepare_data(cfg: Config) -> PreparedData:
     images = load_images(cfg.data)
+    if len(images.classes) < 2:
+        raise UserError(f"{cfg.data.source} has one class ({images.classes[0]}); a classifier "
+                        "learns to tell at least two apart")
     return PreparedData(images, normalization_stats(images.train), images.train.count())
 
 

@@ -21,6 +21,7 @@ from distdl.config import DataConfig
 from distdl.data import sources
 from distdl.data.sources import (
     SHAPE_CLASSES,
+    decode_image,
     generate_shapes,
     load_images,
     normalization_stats,
@@ -214,6 +215,41 @@ def test_imagefolder_errors(tmp_path):
         load_images(DataConfig(source=f"imagefolder:{tmp_path}"))
 
 
+def test_an_odd_first_image_asks_for_data_image_size(tmp_path):
+    _write_folder(tmp_path, classes=2, per_class=5)
+    icon = tmp_path / "class_0" / "-icon.png"  # sorts first
+    icon.write_bytes(_png(np.zeros((2, 2), np.uint8)))
+    with pytest.raises(UserError, match=r"is 2x2 pixels, .* set data.image_size \(4 to 1024\)"):
+        load_images(DataConfig(source=f"imagefolder:{tmp_path}"))
+    data = load_images(DataConfig(source=f"imagefolder:{tmp_path}", image_size=8))
+    assert data.image_shape == (3, 8, 8)
+
+
+def test_training_refuses_a_single_class(tmp_path):
+    from distdl import config, recipes
+    from distdl.train.trainer import prepare_data
+
+    _write_folder(tmp_path, classes=1, per_class=10)
+    raw = config.merge(recipes.get("debug"), {"data": {"source": f"imagefolder:{tmp_path}"}})
+    with pytest.raises(UserError, match=r"has one class \(class_0\); a classifier learns"):
+        prepare_data(config.Config.from_dict(raw))
+
+
+def test_a_size_of_height_and_width_and_a_whole_load(tmp_path):
+    """Evaluation loads at a model's (H, W), resized once, and a set too small to split."""
+    _write_folder(tmp_path, classes=2, per_class=1, shape=(20, 20, 3))
+    with pytest.raises(UserError, match="the split left"):
+        load_images(DataConfig(source=f"imagefolder:{tmp_path}"))
+    data = load_images(DataConfig(source=f"imagefolder:{tmp_path}"), size=(5, 10), whole=True)
+    images, _ = _arrays(data.train.union(data.val))
+    assert data.image_shape == (1, 5, 10) and images.shape == (2, 5, 10, 1)  # gray pixels
+    expected = decode_image((tmp_path / "class_0" / "000.png").read_bytes(), channels=1,
+                            size=(5, 10), max_pixels=10_000)
+    assert any(np.array_equal(image, expected) for image in images)
+    digits = load_images(DataConfig(source="digits"), size=(4, 6))
+    assert digits.image_shape == (1, 4, 6)
+
+
 # ---------------------------------------------------------------- parquet
 
 
@@ -248,6 +284,29 @@ def test_parquet_pixel_arrays_with_string_labels(tmp_path, layout):
     assert loaded == expected
 
 
+def test_parquet_labels_are_their_sorted_distinct_values(tmp_path):
+    images = [_png(_class_image(i % 2, i, (6, 6, 3))) for i in range(20)]
+    labels = [(1, 5_000_000)[i % 2] for i in range(20)]
+    pq.write_table(pa.table({"image": images, "label": labels}), tmp_path / "ints.parquet")
+    data = load_images(DataConfig(source=f"parquet:{tmp_path / 'ints.parquet'}"))
+    assert data.classes == ["1", "5000000"]
+    loaded, classes = _arrays(data.train.union(data.val))
+    assert np.array_equal(np.rint((loaded.mean(axis=(1, 2, 3)) - 30) / 60), classes)
+
+
+def test_parquet_categorical_labels_and_hugging_face_image_structs(tmp_path):
+    names = ["dog", "cat"]
+    structs = [{"bytes": _png(_class_image(i % 2, i, (6, 6, 3))), "path": f"{i}.png"}
+               for i in range(20)]
+    labels = pa.array([names[i % 2] for i in range(20)]).dictionary_encode()
+    pq.write_table(pa.table({"image": structs, "label": labels}), tmp_path / "hf.parquet")
+    data = load_images(DataConfig(source=f"parquet:{tmp_path / 'hf.parquet'}"))
+    assert data.classes == ["cat", "dog"] and data.skipped == 0
+    loaded, classes = _arrays(data.train.union(data.val))
+    # dog (class 1 of the sorted names) was drawn as image class 0, cat as 1.
+    assert np.array_equal(np.rint((loaded.mean(axis=(1, 2, 3)) - 30) / 60), 1 - classes)
+
+
 def test_parquet_missing_column_lists_the_columns(tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"], "label": [0]}), tmp_path / "d.parquet")
     with pytest.raises(UserError, match=r"no column 'image'.*pixels, label"):
@@ -265,6 +324,10 @@ def test_parquet_unusable_inputs_are_user_errors(tmp_path):
         load_images(DataConfig(source=f"parquet:{tmp_path}"))
     pq.write_table(pa.table({"image": [b"x"], "label": [0.5]}), tmp_path / "broken.parquet")
     with pytest.raises(UserError, match="labels must be integers or strings"):
+        load_images(DataConfig(source=f"parquet:{tmp_path}"))
+    empty = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())})
+    pq.write_table(empty, tmp_path / "broken.parquet")
+    with pytest.raises(UserError, match="has no rows"):
         load_images(DataConfig(source=f"parquet:{tmp_path}"))
 
 
@@ -307,6 +370,20 @@ def test_cifar10_refuses_pickles_that_run_code(tmp_path):
 
     (root / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
     with pytest.raises(UserError, match="not a readable CIFAR-10 batch"):
+        load_images(DataConfig(source=f"cifar10:{root}"))
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ([1, 2, 3], "it holds a list, not a dict"),
+    ({b"labels": [0]}, "it needs 'data'"),
+    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1]},
+     r"\(3, 3072\) data for \(2,\) labels"),
+])
+def test_cifar10_batches_that_do_not_hold_together(tmp_path, batch, message):
+    root = tmp_path / "cifar"
+    _write_cifar(root)
+    (root / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(UserError, match=message):
         load_images(DataConfig(source=f"cifar10:{root}"))
 
 
