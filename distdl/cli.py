@@ -394,8 +394,10 @@ def _train_command(args, name: str, values: dict) -> str:
 
 def cmd_evaluate(args) -> int:
     from distdl import evaluate, runtime
+    from distdl.train import rundir
 
     checkpoint = evaluate.locate(args.checkpoint)  # before the seconds that starting Ray takes
+    rundir.check_writable(Path(args.output), "--output")
     runtime.connect(args.address)
     report = evaluate.evaluate(checkpoint, data=args.data, output=Path(args.output))
     print(evaluate.format_report(report))

@@ -12,6 +12,7 @@ import numpy as np
 from distdl.config import DataConfig
 from distdl.errors import UserError
 from distdl.inference.predictor import Predictor
+from distdl.train.checkpoint import section
 
 REPORT_FILE = "evaluation.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -24,23 +25,29 @@ def evaluate(checkpoint_path: str, *, data: str | None, output: Path) -> dict[st
     from distdl.data.sources import load_images
 
     predictor = _load(checkpoint_path)
-    data_cfg = DataConfig(**predictor.meta["data"])
+    data_cfg = section(predictor.meta, "data", DataConfig, checkpoint_path)
     if data:
-        data_cfg = dataclasses.replace(data_cfg, source=data, image_size=predictor.input_shape[1])
-    images = load_images(data_cfg)
-    if images.classes != predictor.classes:
-        raise UserError(f"the classes of {data_cfg.source} ({', '.join(images.classes)}) are not "
-                        f"the model's ({', '.join(predictor.classes)})")
-    if images.image_shape[0] != predictor.input_shape[0]:
-        raise UserError(f"the images of {data_cfg.source} have {images.image_shape[0]} colour "
-                        f"channels; the model takes {predictor.input_shape[0]}")
+        data_cfg = dataclasses.replace(data_cfg, source=data)
+    # At the model's own (H, W): the images are resized once, as they were for training.
+    images = load_images(data_cfg, size=tuple(predictor.input_shape[1:]), whole=bool(data))
+    labels = _model_labels(images.classes, predictor.classes, data_cfg.source)
     dataset = images.val if data is None else images.train.union(images.val)
-    matrix = confusion(predictor, dataset)
+    matrix = confusion(predictor, dataset, labels)
     report = summarize(matrix, predictor.classes)
     report.update(checkpoint=str(checkpoint_path), data=data_cfg.source,
-                  split="validation" if data is None else "all")
+                  split="validation" if data is None else "all", skipped=images.skipped)
     write(report, matrix, predictor.classes, output)
     return report
+
+
+def _model_labels(classes: list[str], model_classes: list[str], source: str) -> np.ndarray:
+    """The model's label for each of the data's classes, matched by name: a test set may hold
+    some of the model's classes only, in any order."""
+    unknown = [name for name in classes if name not in model_classes]
+    if unknown:
+        raise UserError(f"{source} has classes the model does not know: {', '.join(unknown)} "
+                        f"(the model's: {', '.join(model_classes)})")
+    return np.array([model_classes.index(name) for name in classes], dtype=np.int64)
 
 
 def _load(path: str) -> Predictor:
@@ -65,14 +72,29 @@ def locate(path: str) -> str:
     return path
 
 
-def confusion(predictor: Predictor, dataset) -> np.ndarray:
-    """Counts of (true class, predicted class) over the dataset."""
+def confusion(predictor: Predictor, dataset, labels: np.ndarray) -> np.ndarray:
+    """Counts of (true class, predicted class) over the dataset; `labels` maps the dataset's
+    labels to the model's."""
     n = len(predictor.classes)
     matrix = np.zeros((n, n), dtype=np.int64)
+    channels = predictor.input_shape[0]
     for batch in dataset.iter_batches(batch_size=_BATCH, batch_format="numpy"):
-        predicted = predictor.predict(batch["image"]).argmax(axis=1)
-        np.add.at(matrix, (batch["label"].astype(np.int64), predicted), 1)
+        images = match_channels(batch["image"], channels)
+        predicted = predictor.predict(images).argmax(axis=1)
+        np.add.at(matrix, (labels[batch["label"]], predicted), 1)
     return matrix
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, H, W, C) images with `channels` channels: gray repeated into RGB, or RGB
+    reduced to its luminance (ITU-R 601, as Pillow's mode L), as a file source would have
+    read them for a model of that many channels."""
+    if images.shape[-1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return (luma + 0.5).astype(np.uint8)[..., None]
 
 
 def summarize(matrix: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -100,11 +122,13 @@ def write(report: dict[str, Any], matrix: np.ndarray, classes: list[str], output
 
 
 def format_report(report: dict[str, Any]) -> str:
+    width = max(len("class"), *(len(name) for name in report["per_class"]))
     lines = [f"accuracy {report['accuracy']:.4f} on {report['examples']} examples "
-             f"({report['data']}, {report['split']})", "", "class       accuracy   count"]
+             f"({report['data']}, {report['split']})", "",
+             f"{'class':<{width}}  accuracy   count"]
     for name, row in report["per_class"].items():
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        lines.append(f"{name[:10]:<10}  {acc:>8}  {row['count']:>6}")
+        lines.append(f"{name:<{width}}  {acc:>8}  {row['count']:>6}")
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     lines += [" ".join(f"{c:>4}" for c in row) for row in report["confusion_matrix"]]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ import distdl
 from distdl.config import DataConfig, ModelConfig
 from distdl.errors import UserError
 from distdl.train import rundir
+
+T = TypeVar("T")
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -105,10 +107,22 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"corrupt checkpoint metadata {path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"corrupt checkpoint metadata {path}: a JSON object was expected")
     missing = {"model", "classes", "input_shape", "normalization"} - meta.keys()
     if missing:
         raise UserError(f"corrupt checkpoint metadata {path}: missing {', '.join(sorted(missing))}")
     return meta
+
+
+def section(meta: dict[str, Any], name: str, kind: type[T], directory: str | Path) -> T:
+    """A config section of the metadata, e.g. the model's; a UserError when it is missing or
+    holds fields that this version does not know."""
+    try:
+        return kind(**meta[name])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"corrupt checkpoint metadata {Path(directory) / META_FILE}: its "
+                        f"'{name}' section cannot be read ({exc})") from None
 
 
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -118,7 +132,9 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise UserError(f"corrupt checkpoint weights {path}: {str(exc).splitlines()[0]}") from None
+        # Not torch's text: it advises weights_only=False, which would run the file's code.
+        raise UserError(f"corrupt checkpoint weights {path}: not a state_dict that "
+                        f"torch.load(weights_only=True) reads ({type(exc).__name__})") from None
 
 
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -128,7 +144,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = load_meta(directory)
     channels, height, _ = meta["input_shape"]
     model = build_model(
-        ModelConfig(**meta["model"]),
+        section(meta, "model", ModelConfig, directory),
         num_classes=len(meta["classes"]),
         in_channels=channels,
         image_size=height,

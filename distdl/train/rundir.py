@@ -29,16 +29,16 @@ def default_run_dir(storage: str, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
 
 
-def check_writable(run_dir: Path) -> None:
-    """Refuse a run directory that could not be created or written, before anything trains."""
+def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
+    """Refuse an output folder that could not be created or written, before any work starts;
+    `flags` name the options that choose it."""
     folder = Path(run_dir).expanduser().absolute()
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise UserError(f"cannot write the run directory {run_dir}: {folder} is a file; "
-                        "choose another --output or --storage")
+        raise UserError(f"cannot write to {run_dir}: {folder} is a file; choose another {flags}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the run directory {run_dir}: {folder} is not writable")
+        raise UserError(f"cannot write to {run_dir}: {folder} is not writable")
 
 
 def epochs_recorded(cfg: Config, run_dir: Path) -> int:

@@ -152,19 +152,21 @@ def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_pa
 
 @pytest.mark.slow
 def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, tmp_path):
-    """The validation digits written as PNG files score as they did in training; the same
-    digits drawn in red are refused in one line, as the model takes one channel."""
+    """The validation digits written as PNG files score as they did in training, also when the
+    files are RGB (read as their luminance, as the model takes one channel); a class the model
+    does not know is refused in one line."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(0)
-    for i in rng.choice(len(digits.target), size=300, replace=False):
+    for n, i in enumerate(rng.choice(len(digits.target), size=300, replace=False)):
         pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
-        red = np.stack([pixels, np.zeros_like(pixels), np.zeros_like(pixels)], axis=-1)
+        rgb = np.repeat(pixels[..., None], 3, axis=-1)
+        rgb[0, 0] = (40, 0, 0) if n == 0 else rgb[0, 0]  # one tinted pixel: the folder is colour
         for kind, image in (("pngs", Image.fromarray(pixels, mode="L")),
-                            ("rgb", Image.fromarray(red, mode="RGB"))):
+                            ("rgb", Image.fromarray(rgb, mode="RGB"))):
             folder = tmp_path / kind / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{i}.png")
@@ -177,8 +179,58 @@ def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, t
     assert report["accuracy"] > 0.95  # mostly training images, through the PNG decode path
     colour = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'rgb'}",
                      "--output", str(tmp_path / "eval_rgb"), address=ray_address)
-    assert colour.returncode == 2 and colour.stderr.count("\n") == 1, colour.stderr[-3000:]
-    assert "have 3 colour channels; the model takes 1" in colour.stderr
+    assert colour.returncode == 0, colour.stderr[-3000:]
+    rgb_report = json.loads((tmp_path / "eval_rgb" / "evaluation.json").read_text())
+    assert rgb_report["examples"] == 300 and rgb_report["accuracy"] > 0.95
+    (tmp_path / "rgb" / "letter_a").mkdir()
+    moved = next((tmp_path / "rgb" / "0").iterdir())
+    moved.rename(tmp_path / "rgb" / "letter_a" / moved.name)
+    unknown = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'rgb'}",
+                      "--output", str(tmp_path / "eval_a"), address=ray_address)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr[-3000:]
+    assert "classes the model does not know: letter_a" in unknown.stderr
+
+
+def test_evaluate_refuses_an_output_that_is_a_file_before_ray(digits_run, tmp_path):
+    """Checked before connecting: the address where nothing answers is never reached."""
+    (tmp_path / "taken").write_text("a file")
+    done = run_cli("evaluate", str(digits_run[0]), "--output", str(tmp_path / "taken"),
+                   "--address", "127.0.0.1:1", timeout=60)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        f"error: cannot write to {tmp_path / 'taken'}: {tmp_path / 'taken'} is a file; "
+        "choose another --output"]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_images_at_the_model_height_and_width(ray_address, tmp_path):
+    """Wide images whose classes differ only in fine columns: squashed to a square on the way
+    to the model, the stripes would blur into the flat class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        name = ("flat", "stripes")[i % 2]
+        red = np.full((10, 40), 128, np.uint8) if name == "flat" else \
+            np.tile(np.array([0, 255], np.uint8), (10, 20))
+        noise = rng.integers(0, 30, (10, 40, 2), dtype=np.uint8)
+        (tmp_path / "wide" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.dstack([red, noise])).save(tmp_path / "wide" / name / f"{i}.png")
+    data = f"imagefolder:{tmp_path / 'wide'}"
+    trained = run_cli("train", "--recipe", "debug", "--set", f"data.source={data}",
+                      "--set", "train.num_workers=1", "--set", "train.batch_size=8",
+                      "--set", "train.epochs=5",
+                      "--output", str(tmp_path / "run"), "--storage", str(tmp_path / "storage"),
+                      address=ray_address)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    best = rundir.read_result(tmp_path / "run")
+    assert best["best_val_accuracy"] == 1.0
+    done = run_cli("evaluate", str(tmp_path / "run"), "--data", data, "--output",
+                   str(tmp_path / "eval"), address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["examples"] == 60 and report["accuracy"] == 1.0
 
 
 @pytest.mark.slow

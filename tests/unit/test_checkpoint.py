@@ -31,10 +31,23 @@ def test_damaged_checkpoints_are_user_errors(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt checkpoint metadata"):
         checkpoint.load_model(tmp_path)
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(UserError, match="a JSON object was expected"):
+        checkpoint.load_model(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({**_meta(), "model": {"augment": True}}))
+    with pytest.raises(UserError, match="its 'model' section cannot be read"):
+        checkpoint.load_model(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps(_meta()))
     (tmp_path / "model.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(UserError, match="corrupt checkpoint weights"):
+    with pytest.raises(UserError, match="corrupt checkpoint weights") as info:
         checkpoint.load_model(tmp_path)
+    assert "weights_only=False" not in str(info.value)  # torch's advice would run the file
+
+
+def test_a_missing_section_is_named(tmp_path):
+    meta = {key: value for key, value in _meta().items() if key != "data"}
+    with pytest.raises(UserError, match="its 'data' section cannot be read"):
+        checkpoint.section(meta, "data", DataConfig, tmp_path)
 
 
 def test_metrics_keep_one_line_per_epoch_when_epochs_rerun(tmp_path):
