@@ -18,9 +18,9 @@ Every dataset has the columns ``image`` (uint8, H x W x C) and ``label`` (int64)
 
 Size and channels: images are resized to `image_size` when it is set; otherwise file sources
 are resized to the size of their first readable image (in path order for folders), which must
-lie within data.image_size's bounds. Folder and
-Parquet images become RGB, or single-channel when every image is grayscale (R == G == B in
-every pixel, as for mode-L files), so a grayscale folder does not pay for three channels.
+lie within data.image_size's bounds. Folder and Parquet images become RGB, or single-channel
+when every image is grayscale (R == G == B in every pixel, as for mode-L files), so a grayscale
+folder does not pay for three channels.
 
 Split: deterministic for a given seed and `val_fraction`. In-memory sources (digits, shapes,
 cifar10) split each class with a seeded permutation. File sources put an example in validation
@@ -180,6 +180,8 @@ def _cifar10(cfg: DataConfig, path: Path, size: tuple[int, int] | None, whole: b
     parts = [_cifar_batch(root / name) for name in present]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
+    if not len(labels):
+        raise UserError(f"the CIFAR-10 batches in {root} hold no images")
     names = _unpickle(root / "batches.meta").get("label_names")
     if not isinstance(names, list) or len(names) <= labels.max():
         raise UserError(f"{root / 'batches.meta'} does not name the {labels.max() + 1} classes "
