@@ -31,6 +31,11 @@ LIST_KINDS = ("choice", "grid")
 # budget that ASHA divides into rungs, and the run name is set per trial: none of these can vary.
 FIXED_FIELDS = ("name", "train.epochs", "train.num_workers", "train.cpus_per_worker",
                 "train.use_gpu")
+# The search loads its data once, from the base config, for every trial (tuner.run): a trial's
+# data.source, split or image size would be recorded in its checkpoints but never used. Only
+# data.cache_max_mb is read per trial (trainer.worker_spec: whether its workers hold their
+# shard in memory), so it alone may vary.
+PER_TRIAL_DATA_FIELDS = ("data.cache_max_mb",)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ def parse(cfg: Config) -> list[Param]:
 
 
 def _param(name: str, spec: Any) -> Param:
+    _check_not_nested(name, spec)
     _check_field(name)
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"tune.space.{name} must be one mapping such as {{loguniform: [low, high]}}"
@@ -111,9 +117,42 @@ def _int_range(name: str, values: Any) -> Param:
         raise UserError(f"{where}: the step must be >= 1; got {step}")
     if low % step or high % step:
         raise UserError(f"{where}: low and high must be multiples of the step ({step}); got "
-                        f"{values!r}, e.g. [{step * max(1, low // step)}, "
-                        f"{step * max(1, high // step)}, {step}]")
+                        f"{values!r}, {_step_hint(low, high, step)}")
     return Param(name, "randint", (low, high), step)
+
+
+def _step_hint(low: int, high: int, step: int) -> str:
+    """The multiples of `step` within [low, high] as an example range, where there are two."""
+    inner_low, inner_high = -(-low // step) * step, high // step * step  # low up, high down
+    if inner_low < inner_high:
+        return f"e.g. [{inner_low}, {inner_high}, {step}]"
+    return (f"but no two multiples of {step} lie between {low} and {high}: lower the step or "
+            "widen the range")
+
+
+def _check_not_nested(name: Any, spec: Any) -> None:
+    """A section holding fields, as `--set tune.space.optim.lr=...` or a nested YAML mapping
+    make: each searched field is one dotted key, so say how to write it."""
+    if not (isinstance(name, str) and name in _searchable_sections() and isinstance(spec, dict)
+            and spec and not set(spec) & {*RANGE_KINDS, *LIST_KINDS}):
+        return
+    leaf, sampler = next(iter(spec.items()))
+    raise UserError(f"tune.space: '{name}' is a section; name each searched field as one dotted "
+                    f"key, e.g. --set 'tune.space={{{name}.{leaf}: {_flow(sampler)}}}' (a --set "
+                    f"of tune.space.{name}.{leaf}=... nests it instead)")
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML flow style, as it would be written in a --set."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+
+
+def _searchable_sections() -> list[str]:
+    hints = typing.get_type_hints(Config)
+    return [f.name for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(hints[f.name]) and f.name != "tune"]
 
 
 def _check_field(name: str) -> None:
@@ -125,8 +164,7 @@ def _check_field(name: str) -> None:
                         "set it outside tune.space")
     section, _, leaf = name.partition(".")
     hints = typing.get_type_hints(Config)
-    searchable = [f.name for f in dataclasses.fields(Config)
-                  if dataclasses.is_dataclass(hints[f.name]) and f.name != "tune"]
+    searchable = _searchable_sections()
     if section not in searchable or "." in leaf:
         raise UserError(f"tune.space: unknown field '{name}'; use section.field with a section "
                         f"of: {', '.join(searchable)}")
@@ -134,13 +172,22 @@ def _check_field(name: str) -> None:
     if leaf not in fields:
         raise UserError(f"tune.space: unknown field '{name}'; {section} has: "
                         f"{', '.join(sorted(fields))}")
+    if name.startswith("data.") and name not in PER_TRIAL_DATA_FIELDS:
+        raise UserError(f"tune.space cannot vary {name}: the data is loaded once for every "
+                        "trial; set it outside tune.space")
 
 
 def _check_values(cfg: Config, param: Param) -> None:
-    """Build a Config with each bound or candidate: the field's own checks judge the value."""
+    """Build a Config with each bound or candidate: the field's own checks judge the value.
+    A model name is checked against the models too, as `distdl train` does before Ray starts:
+    a Config takes any string, and a bad name would fail only inside its trials."""
     for value in _checked_values(param):
         try:
-            apply(cfg, {param.field: value})
+            trial = apply(cfg, {param.field: value})
+            if param.field == "model.name":
+                from distdl.models import check_name  # torch: only when a model name is searched
+
+                check_name(trial.model.name)
         except UserError as exc:
             hint = ("; a range can step over values: [low, high, step]"
                     if param.kind == "randint" and param.step == 1 else "")

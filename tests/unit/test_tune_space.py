@@ -85,6 +85,23 @@ def test_apply_sets_sampled_values_and_keeps_the_rest():
     ({"space": {1: {"choice": [1]}}}, "each key names a field as section.field; got 1"),
     ({"space": {"train.num_workers": {"choice": [1, 2]}}}, "cannot vary train.num_workers"),
     ({"space": {"train.epochs": {"randint": [2, 4]}}}, "cannot vary train.epochs"),
+    ({"space": {"data.source": {"grid": ["digits", "nosuchdata"]}}},
+     "tune.space cannot vary data.source: the data is loaded once for every trial; set it "
+     "outside tune.space"),
+    ({"space": {"data.image_size": {"choice": [8, 16]}}}, "cannot vary data.image_size"),
+    ({"space": {"data.nosuch": {"choice": [1]}}}, "unknown field 'data.nosuch'"),
+    ({"space": {"model.name": {"grid": ["small_cnn", "nosuchmodel"]}}},
+     "tune.space.model.name.grid: value 'nosuchmodel' is not valid: unknown model 'nosuchmodel'"),
+    ({"space": {"model.name": {"choice": ["torchvision:nosuch"]}}},
+     "value 'torchvision:nosuch' is not valid: unknown torchvision model 'nosuch'"),
+    ({"space": {"train.batch_size": {"randint": [1, 6, 10]}}},
+     "got [1, 6, 10], but no two multiples of 10 lie between 1 and 6: lower the step or widen "
+     "the range"),
+    ({"space": {"train.batch_size": {"randint": [1, 12, 10]}}},
+     "but no two multiples of 10 lie between 1 and 12"),
+    ({"space": {"optim": {"lr": {"loguniform": ["1e-4", "1e-1"]}}}},
+     "tune.space: 'optim' is a section; name each searched field as one dotted key, e.g. "
+     "--set 'tune.space={optim.lr: {loguniform: [1e-4, 1e-1]}}'"),
     ({"space": {"optim.lr": {"uniform": [0.1, 0.2]}}, "grace_period": 5},
      "tune.grace_period (5) must not exceed train.epochs (2)"),
 ])
@@ -106,3 +123,33 @@ def test_bad_tune_settings_fail_when_the_config_is_built(section, message):
     with pytest.raises(UserError, match=None) as info:
         _cfg(section)
     assert message in str(info.value)
+
+
+def test_every_data_field_but_the_per_trial_cache_is_fixed():
+    """Each data field a trial could not honour is refused; the one read per trial is kept."""
+    for field in config.DataConfig.__dataclass_fields__:
+        cfg = _cfg({"space": {f"data.{field}": {"choice": [0]}}})
+        if f"data.{field}" in space.PER_TRIAL_DATA_FIELDS:
+            assert [p.field for p in space.parse(cfg)] == [f"data.{field}"]
+        else:
+            with pytest.raises(UserError, match=f"cannot vary data.{field}: the data is loaded"):
+                space.parse(cfg)
+    assert space.PER_TRIAL_DATA_FIELDS == ("data.cache_max_mb",)
+
+
+def test_a_model_name_space_of_known_models_parses():
+    cfg = _cfg({"space": {"model.name": {"choice": ["small_cnn", "resnet18"]}}})
+    assert space.parse(cfg)[0].values == ("small_cnn", "resnet18")
+
+
+def test_a_set_into_a_space_section_says_how_to_write_the_field():
+    """`--set tune.space.optim.lr=...` nests the field under a section: the message names the
+    dotted form, which works."""
+    raw = config.resolve(recipes.get("debug"), None,
+                         ["tune.space.optim.lr={loguniform: [1.0e-4, 1.0e-1]}"])
+    with pytest.raises(UserError) as info:
+        space.parse(raw)
+    suggested = str(info.value).split("--set '")[1].split("'")[0]
+    assert suggested == "tune.space={optim.lr: {loguniform: [0.0001, 0.1]}}"
+    fixed = config.resolve(recipes.get("debug"), None, [suggested])
+    assert space.parse(fixed) == [space.Param("optim.lr", "loguniform", (1e-4, 0.1))]
