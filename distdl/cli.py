@@ -97,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="search hyperparameters: one distributed training per trial")
     _config_args(tune)
     _ray_args(tune)
-    tune.set_defaults(recipe="digits_tune")
     tune.add_argument("--storage", default=_default_storage(),
                       help="where trials and checkpoints go: a directory or a URI "
                            "(default: ./runs or DISTDL_STORAGE)")
@@ -263,10 +262,7 @@ def _jobs_address(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["serve"] and argv[1:2] in (["build"], ["update"]):
-        argv = [f"serve {argv[1]}", *argv[2:]]  # "serve build" and "serve update" are commands
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_command_words(sys.argv[1:] if argv is None else argv))
     try:
         address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
         if address:
@@ -282,10 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _config(args):
+def _command_words(argv: list[str]) -> list[str]:
+    argv = list(argv)
+    if argv[:1] == ["serve"] and argv[1:2] in (["build"], ["update"]):
+        argv = [f"serve {argv[1]}", *argv[2:]]  # "serve build" and "serve update" are commands
+    return argv
+
+
+def _config(args, default_recipe: str | None = None):
     from distdl import config, recipes
 
-    cfg = config.resolve(recipes.get(args.recipe or recipes.DEFAULT), args.config, args.overrides)
+    recipe = recipes.get(args.recipe or default_recipe or recipes.DEFAULT)
+    cfg = config.resolve(recipe, args.config, args.overrides)
     if args.name:
         cfg = config.Config.from_dict({**cfg.to_dict(), "name": args.name})
     return cfg
@@ -347,12 +351,17 @@ def _print_result(result: dict, run_dir: Path) -> None:
     print(f"run directory:   {run_dir}")
 
 
+TUNE_RECIPE = "digits_tune"  # `distdl tune` without --recipe
+
+
 def cmd_tune(args) -> int:
     from distdl import runtime
     from distdl.train import rundir
     from distdl.tune import progress, report, space, tuner
 
-    cfg = _config(args)
+    cfg = _config(args, TUNE_RECIPE)
+    saved = _resumed_config(args, cfg) if args.resume else None
+    cfg = saved or cfg
     params = space.parse(cfg)
     output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     rundir.check_writable(output)
@@ -362,7 +371,14 @@ def cmd_tune(args) -> int:
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
           f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
           f"{cfg.tune.scheduler} scheduler, workers per trial: {cfg.train.num_workers}")
-    result = tuner.run(cfg, params, storage=args.storage, output=output, resume=args.resume)
+    try:
+        result = tuner.run(cfg, params, storage=args.storage, output=output, resume=args.resume)
+    except KeyboardInterrupt:
+        # Tune's own Ctrl-C handling is off (tuner.py): it would end the search as if it had
+        # finished, with its unrun trials in the summary, and suggest Python to resume it.
+        print(f"interrupted; continue the search with: {_resume_command(args, cfg.name)}",
+              file=sys.stderr)
+        return 130
     print(report.format_table(result))
     if result["best_trial"] is None:
         print(f"error: no trial reported {cfg.tune.metric}; see {result['experiment']}",
@@ -373,18 +389,58 @@ def cmd_tune(args) -> int:
     print(f"{result['trials_run']} trials, {result['stopped_early']} stopped early, "
           f"{result['errors']} failed, in {result['wall_s']:.1f} s")
     print(f"best checkpoint: {result['best_checkpoint']}")
-    print(f"train with its values: {_train_command(args, cfg.name, result['best_config'])}")
+    config_file = _local_config_file(cfg, result["experiment"], output) if saved else None
+    print(f"train with its values: "
+          f"{_train_command(args, cfg.name, result['best_config'], config_file)}")
     print(f"results:         {output}")
     return 0
 
 
-def _train_command(args, name: str, values: dict) -> str:
-    """`distdl train` with the search's own settings and then `values` (field -> value)."""
+def _resumed_config(args, cfg):
+    """The config a search was started with, which --resume continues (None for a search that
+    saved none: then the arguments' config, as before). Any --recipe, --config or --set given
+    must agree with it: a search cannot change its settings midway."""
+    from distdl.train import trainer
+    from distdl.tune import tuner
+
+    experiment = tuner.check_experiment(trainer.normalize_storage(args.storage), cfg.name,
+                                        resume=True)
+    given = args.recipe is not None or args.config is not None or bool(args.overrides)
+    return tuner.resumed_config(experiment, cfg if given else None)
+
+
+def _local_config_file(cfg, experiment: str, output: Path) -> str:
+    """A local copy of the search's config for `distdl train --config`: its own file in the
+    experiment folder, or for storage elsewhere (s3://...) a copy in the output folder."""
+    from distdl.tune import tuner
+
+    if "://" not in experiment:
+        return tuner.config_path(experiment)
+    tuner.save_config(str(output), cfg)
+    return tuner.config_path(str(output))
+
+
+def _resume_command(args, name: str) -> str:
     import shlex
 
-    words = ["distdl", "train", "--recipe", args.recipe]
-    words += ["--config", args.config] if args.config else []
-    for assignment in [*args.overrides, *(f"{field}={value!r}" for field, value in values.items())]:
+    words = ["distdl", "tune", "--name", name, "--storage", args.storage]
+    words += ["--output", args.output] if args.output else []
+    words += ["--address", args.address] if args.address else []
+    return shlex.join([*words, "--resume"])
+
+
+def _train_command(args, name: str, values: dict, config_file: str | None = None) -> str:
+    """`distdl train` with the search's own settings and then `values` (field -> value): those
+    of the arguments, or of `config_file`, the search's saved config, when it resumed with it."""
+    import shlex
+
+    if config_file:
+        words, overrides = ["distdl", "train", "--config", config_file], []
+    else:
+        words = ["distdl", "train", "--recipe", args.recipe or TUNE_RECIPE]
+        words += ["--config", args.config] if args.config else []
+        overrides = args.overrides
+    for assignment in [*overrides, *(f"{field}={value!r}" for field, value in values.items())]:
         words += ["--set", assignment]
     words += ["--name", f"{name}-best"]
     words += ["--storage", args.storage] if args.storage != _default_storage() else []
@@ -476,7 +532,9 @@ def cmd_cluster(args) -> int:
 def cmd_submit(args) -> int:
     from distdl import jobs
 
-    entrypoint = jobs.entrypoint(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    entrypoint = jobs.entrypoint(argv)
+    _check_job_command(argv, args.working_dir)
     client = jobs.client(args.address)
     job_id = jobs.submit(client, entrypoint, args.working_dir)
     print(f"submitted job {job_id}")
@@ -485,6 +543,27 @@ def cmd_submit(args) -> int:
     if args.follow:
         jobs.follow(client, job_id, lambda text: print(text, end="", flush=True))
     return _job_outcome(client, job_id, show_log=not args.follow)
+
+
+def _check_job_command(argv: list[str], working_dir: Path) -> None:
+    """Parse the job's command here as the job will, and build its config, so that a mistake in
+    it is one line and exit code 2 now, not a job that fails on the cluster. A usage mistake
+    exits here with argparse's one line."""
+    job = build_parser().parse_args(_command_words(argv))
+    if not hasattr(job, "overrides"):
+        return  # no config: its other arguments are checked where it runs
+    if job.config and not Path(job.config).is_absolute():
+        job.config = str(working_dir / job.config)  # the job runs in working_dir's copy
+    elif job.config and not Path(job.config).is_file():
+        return  # a file on the cluster, which this machine may not have
+    from distdl.models import check_name
+
+    cfg = _config(job, TUNE_RECIPE if job.command == "tune" else None)
+    check_name(cfg.model.name)
+    if job.command == "tune":
+        from distdl.tune import space
+
+        space.parse(cfg)
 
 
 def _job_outcome(client, job_id: str, *, show_log: bool) -> int:
@@ -497,9 +576,15 @@ def _job_outcome(client, job_id: str, *, show_log: bool) -> int:
     text = jobs.logs(client, job_id)
     if show_log:
         print(jobs.log_tail(text), file=sys.stderr)
-    line = error_line(text) or jobs.info(client, job_id)["message"]
+    line = error_line(text) or _first_line(jobs.info(client, job_id)["message"])
     print(f"error: job {job_id} {status}: {line}", file=sys.stderr)
     return 1
+
+
+def _first_line(message: str | None) -> str:
+    """Ray's job message ends with the whole log of a failed driver: its first line says what."""
+    lines = (message or "").strip().splitlines()
+    return lines[0] if lines else "no message from Ray"
 
 
 def cmd_jobs(args) -> int:

@@ -33,6 +33,8 @@ from distdl.errors import UserError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
+STATE_KEYS = {"dir", "dashboard_url", "token_path", "temp_dir", "nodes"}  # what down and status read
+NODE_KEYS = {"name", "pid", "started"}
 TOKEN_FILE = "auth_token"
 OBJECT_STORE_BYTES = 512 * 2**20  # per node: enough for the digits and shapes data, not 30% of RAM
 START_TIMEOUT_S = 60.0
@@ -47,8 +49,7 @@ def up(directory: Path, workers: int) -> dict[str, Any]:
     if _read_state(directory) and _alive(_read_state(directory)):
         raise UserError(f"a cluster is already running in {directory}; stop it with "
                         f"`distdl cluster down --dir {directory}`")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "storage").mkdir(exist_ok=True)
+    _make_folder(directory)
     state = _new_state(directory)
     env = node_env(state)
     try:
@@ -68,6 +69,22 @@ def up(directory: Path, workers: int) -> dict[str, Any]:
         (directory / STATE_FILE).unlink(missing_ok=True)
         raise
     return state
+
+
+def _make_folder(directory: Path) -> None:
+    """Create --dir and its storage/ folder, or one UserError saying why it cannot be."""
+    for folder in (directory, directory / "storage"):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--dir {directory}: {folder} is a file, not a folder; choose "
+                            "another --dir")
+    try:
+        (directory / "storage").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--dir {directory}: cannot create the folder ({exc.strerror or exc}); "
+                        "choose a folder you can write") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"--dir {directory}: the folder is not writable; choose a folder you "
+                        "can write")
 
 
 def _new_state(directory: Path) -> dict[str, Any]:
@@ -303,8 +320,26 @@ def _alive(state: dict[str, Any]) -> bool:
 
 
 def _read_state(directory: Path) -> dict[str, Any] | None:
+    """DIR/cluster.json, or None where there is none; a UserError where it cannot be read,
+    which a user can fix (an interrupted write, an edit)."""
     path = directory.expanduser().resolve() / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        problem = getattr(exc, "strerror", None) or "it is empty or not valid JSON"
+        raise UserError(_unreadable(path, problem)) from None
+    if not (isinstance(state, dict) and STATE_KEYS <= set(state)
+            and isinstance(state["nodes"], list)
+            and all(isinstance(n, dict) and NODE_KEYS <= set(n) for n in state["nodes"])):
+        raise UserError(_unreadable(path, "it does not record a cluster's nodes"))
+    return state
+
+
+def _unreadable(path: Path, problem: str) -> str:
+    return (f"cannot read {path}: {problem}; if a cluster of it still runs, stop its `ray start` "
+            "processes (their logs in that folder name them), then delete the file")
 
 
 def write_state(state: dict[str, Any]) -> Path:

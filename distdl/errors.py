@@ -1,5 +1,10 @@
 """The one exception type for mistakes a user can fix."""
 
+import re
+
+# argparse's one line for a usage mistake (cli._Parser): "distdl train: error: MESSAGE".
+_USAGE_ERROR = re.compile(r"^distdl( [\w -]+)?: error: ")
+
 
 class UserError(Exception):
     """A problem in the user's input: the CLI prints the message on one line and exits with 2."""
@@ -8,11 +13,13 @@ class UserError(Exception):
 def error_line(text: str) -> str | None:
     """The last error line of a log or of Ray's multi-line failure report, if there is one.
 
-    That is distdl's own "error: ..." line or an exception's "SomeError: ..." line.
+    That is distdl's own "error: ..." line, argparse's "distdl train: error: ..." line (a
+    usage mistake in a job's command) or an exception's "SomeError: ..." line.
     """
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
-        if line.startswith("error:") or line.split(":")[0].endswith(("Error", "Exception")):
+        if (line.startswith("error:") or _USAGE_ERROR.match(line)
+                or line.split(":")[0].endswith(("Error", "Exception"))):
             return line
     return None
 

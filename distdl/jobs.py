@@ -70,6 +70,11 @@ def _probe(address: str) -> None:
         urllib.request.urlopen(f"{address}/api/version", timeout=PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return  # something answers; authentication is checked by the client
+    except http.client.BadStatusLine:
+        # Its message is the raw first bytes of the answer: binary from an HTTP/2 (gRPC) port.
+        raise UserError(f"the server at {address} does not answer as a Ray dashboard (not "
+                        "HTTP/1.1: a Ray GCS or client port?); give --address the dashboard's "
+                        "http://HOST:PORT (8265 unless set otherwise)") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"no Ray cluster answers at {address} ({reason}); is it running? "

@@ -1,4 +1,5 @@
-"""The driver of a search: resources, the Tuner (new or restored), and the summary files.
+"""The driver of a search: resources, the Tuner (new or restored), its saved config, and the
+summary files.
 
 Tuner -> trial driver (driver.py, one TorchTrainer per trial) -> Ray Train workers. The data is
 loaded once here and shared by every trial through the object store.
@@ -13,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
+import yaml
 from ray import tune
 
-from distdl import runtime
+from distdl import provenance, runtime
 from distdl.config import Config, TrainConfig
 from distdl.errors import UserError
 from distdl.train import trainer
@@ -29,6 +32,14 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 # TrialPrinter is the live table; Tune's newer console output prints banners even when silent.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl-C: Tune's handler would end the search as if it had finished (fit() returns, unrun trials
+# and all) and log a Python Tuner.restore() hint. Without it, KeyboardInterrupt leaves fit() and
+# the command ends as others do on Ctrl-C, printing `distdl tune ... --resume`; the state that a
+# resume reads is saved every second (above), as after a kill -9.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+# The search's resolved config, in its experiment folder: --resume continues with it.
+CONFIG_FILE = "config.yaml"
 
 # A trial driver only coordinates: it reserves memory, not a CPU, so that the CPUs go to the
 # workers. (Tune refuses an empty request.)
@@ -60,6 +71,8 @@ def run(cfg: Config, params: list[space.Param], *, storage: str, output: Path, r
     train = cfg.train
     runtime.check_placeable(train.num_workers, train.cpus_per_worker, train.use_gpu)
     data = trainer.prepare_data(cfg)  # once, for every trial
+    if not resume:
+        save_config(experiment, cfg)
     trainable = tune.with_resources(
         tune.with_parameters(driver.run_trial, base=cfg, data=data, storage=storage),
         DRIVER_RESOURCES,
@@ -90,6 +103,69 @@ def check_experiment(storage: str, name: str, resume: bool) -> str:
         raise UserError(f"a search named '{name}' already exists at {experiment}; add --resume "
                         "to continue it, or choose another --name")
     return experiment
+
+
+def config_path(experiment: str) -> str:
+    return f"{experiment.rstrip('/')}/{CONFIG_FILE}"
+
+
+def save_config(experiment: str, cfg: Config) -> None:
+    """Write the search's resolved config into its experiment folder (a path or URI), before
+    any trial runs: a search killed at any point resumes with it."""
+    fs, path = _filesystem(config_path(experiment))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    header = "".join(f"# {k}: {v}\n" for k, v in provenance.collect().items())
+    with fs.open_output_stream(path) as out:
+        out.write((header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode())
+
+
+def saved_config(experiment: str) -> Config | None:
+    """The config a search was started with; None for a search that saved none (one started
+    by an older distdl)."""
+    fs, path = _filesystem(config_path(experiment))
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    where = config_path(experiment)
+    try:
+        with fs.open_input_stream(path) as f:
+            raw = yaml.safe_load(f.read().decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read the search's settings in {where}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    try:
+        return Config.from_dict(raw)
+    except UserError as exc:
+        raise UserError(f"the search's settings in {where} are not valid: {exc}") from None
+
+
+def resumed_config(experiment: str, given: Config | None) -> Config | None:
+    """The config to resume a search with: its saved one (None where it saved none). `given`,
+    the config of --recipe, --config and --set when the user passed any, must match it."""
+    saved = saved_config(experiment)
+    if saved is not None and given is not None and given.to_dict() != saved.to_dict():
+        changed = _changed_fields(saved.to_dict(), given.to_dict())
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if changed[3:] else "")
+        raise UserError(f"a search resumes with its own settings, saved in "
+                        f"{config_path(experiment)}; these --recipe, --config or --set change "
+                        f"its {shown}: drop them, or choose another --name to start a new search")
+    return saved
+
+
+def _changed_fields(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The dotted fields whose values differ (tune.space counts as one field)."""
+    changed = []
+    for key, value in saved.items():
+        if isinstance(value, dict) and key != "space":
+            changed += [f"{key}.{field}" for field in _changed_fields(value, given[key])]
+        elif given[key] != value:
+            changed.append(key)
+    return changed
+
+
+def _filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in location:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), location
 
 
 def _new_tuner(cfg: Config, params: list[space.Param], trainable, storage: str,

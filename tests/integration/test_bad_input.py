@@ -106,3 +106,34 @@ def test_evaluating_a_missing_checkpoint_is_one_line(tmp_path):
     assert empty.returncode == 2, empty.stderr[-2000:]
     assert empty.stderr.splitlines() == [
         f"error: not a distdl checkpoint: {tmp_path} has no meta.json"]
+
+
+SUBMITTED = [
+    (["bogus"], "distdl: error: argument command: invalid choice: 'bogus'"),
+    (["train", "--recipe", "nosuch"], "error: unknown recipe 'nosuch'"),
+    (["train", "--epochs", "3"], "distdl: error: unrecognized arguments: --epochs 3"),
+    (["train", "--set", "model.name=vgg99"], "error: unknown model 'vgg99'"),
+    (["train", "--config", "no/such.yaml"], "error: config file not found: {tmp}/no/such.yaml"),
+    (["tune", "--set", "tune.space={data.source: {grid: [digits, mnist]}}"],
+     "error: tune.space cannot vary data.source"),
+]
+
+
+@pytest.mark.parametrize("command, message", SUBMITTED, ids=[c[1][:30] for c in SUBMITTED])
+def test_a_job_command_with_a_mistake_is_refused_before_submitting(command, message, tmp_path):
+    """Nothing answers at the address: the job's command is checked first, here."""
+    done = run_cli("submit", "--address", "127.0.0.1:1", "--working-dir", str(tmp_path), "--",
+                   *command, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert done.stderr.startswith(message.replace("{tmp}", str(tmp_path))), done.stderr
+    assert "submitted" not in done.stdout
+
+
+def test_a_good_job_command_goes_on_to_the_cluster(tmp_path):
+    """The local check passes what is right: then the missing cluster is the one line."""
+    (tmp_path / "search.yaml").write_text("train: {epochs: 1}\n")
+    done = run_cli("submit", "--address", "127.0.0.1:1", "--working-dir", str(tmp_path), "--",
+                   "train", "--recipe", "debug", "--config", "search.yaml", timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "no Ray cluster answers at http://127.0.0.1:1" in done.stderr

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,60 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(ray_address, 
     assert result["trials_run"] == 3 and result["best_config"] is not None
 
 
+@pytest.mark.slow
+def test_ctrl_c_ends_a_search_that_resumes_with_its_own_settings(ray_address, tmp_path):
+    """Ctrl-C ends the command as others end (130, no summary of unrun trials), naming the
+    command that continues it; that command, without the search's --recipe and --set, keeps
+    the search's own space and epochs (the default recipe's would be 5 fields and 6 epochs)."""
+    storage = str(tmp_path)
+    settings = ["--recipe", "digits_tune", "--set", "train.epochs=2", "--set", "model.width=8",
+                "--set", "tune.num_samples=1", "--set", "tune.max_concurrent_trials=2",
+                "--set", "tune.scheduler=fifo",
+                "--set", "tune.space={optim.lr: {grid: [1.0e-2, 3.0e-3]}}"]
+    process = popen_cli("tune", *settings, "--name", "ctrlc", "--storage", storage,
+                        address=ray_address, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = ""
+    hung = threading.Timer(300, process.kill)  # reading its output would wait on a hang forever
+    hung.start()
+    try:
+        for line in process.stdout:
+            if re.search(r"  epoch +1 ", line):
+                break
+        process.send_signal(signal.SIGINT)
+        output = line + process.communicate(timeout=120)[0]
+    finally:
+        hung.cancel()
+        process.kill()
+    assert process.returncode == 130, output[-3000:]
+    resume = ["distdl", "tune", "--name", "ctrlc", "--storage", storage, "--address",
+              ray_address, "--resume"]
+    assert output.rstrip().splitlines()[-1] == (
+        f"interrupted; continue the search with: {shlex.join(resume)}"), output[-3000:]
+    assert "Tuner.restore" not in output and "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "ctrlc" / report.RESULT_FILE).exists()
+
+    # The other settings of a new search: refused, naming the file that holds its own.
+    other = run_cli(*resume[1:-3], *settings, "--set", "train.epochs=3", "--resume",
+                    address=ray_address, timeout=120)
+    assert other.returncode == 2, other.stdout[-2000:] + other.stderr[-2000:]
+    assert other.stderr.splitlines() == [
+        f"error: a search resumes with its own settings, saved in {tmp_path}/ctrlc/config.yaml; "
+        "these --recipe, --config or --set change its train.epochs: drop them, or choose "
+        "another --name to start a new search"]
+
+    done = run_cli(*resume[1:], timeout=600)  # the printed command, as a user would run it
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming optim.lr for val_accuracy" in done.stdout, done.stdout[-3000:]
+    result = _result(tmp_path / "ctrlc")
+    assert sorted(t["config"]["optim.lr"] for t in result["trials"]) == [3e-3, 1e-2]
+    assert [(t["status"], t["epochs_run"]) for t in result["trials"]] == [("completed", 2)] * 2
+    (command,) = [line.split(": ", 1)[1] for line in done.stdout.splitlines()
+                  if line.startswith("train with its values: ")]
+    cfg = cli._config(cli.build_parser().parse_args(shlex.split(command)[1:]))
+    assert (cfg.train.epochs, cfg.model.width, cfg.tune.scheduler) == (2, 8, "fifo")
+    assert cfg.optim.lr == result["best_config"]["optim.lr"] and cfg.name == "ctrlc-best"
+
+
 def _four_epochs(config):
     for epoch in range(1, EPOCHS + 1):
         ray.train.report({"epoch": epoch})
@@ -207,6 +262,10 @@ def test_every_epoch_reaches_tune_when_the_search_driver_is_slow(ray_address, tm
     (("--set", "tune.space={optim.lr: {loguniform: [0.1, 0.001]}}"), "must be below high"),
     (("--set", "tune.metric=accuracy"), "is never reported by training"),
     (("--set", "train.num_workers=16"), "can never be placed"),
+    (("--set", "tune.space={model.name: {grid: [small_cnn, nosuchmodel]}}"),
+     "value 'nosuchmodel' is not valid: unknown model 'nosuchmodel'"),
+    (("--set", "tune.space={data.source: {grid: [digits, nosuchdata]}}"),
+     "tune.space cannot vary data.source: the data is loaded once for every trial"),
     (("--resume",), "no search named"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, ray_address, tmp_path):

@@ -1,9 +1,13 @@
 """Numbers and paths on the command line that cannot work end in one line and exit code 2,
 before anything starts."""
 
+import socket
+import threading
+
 import pytest
 
 from distdl import cli
+from distdl.errors import error_line
 from tests.integration.cli import run_cli
 
 
@@ -41,3 +45,68 @@ def test_a_jobs_address_with_a_placeholder_port_is_one_line():
     done = run_cli("jobs", "list", "--address", "http://127.0.0.1:PORT", timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "nonnumeric port: 'PORT'" in done.stderr
+
+
+@pytest.mark.parametrize("action, dir_, message", [
+    ("up", "{tmp}/file", "--dir {tmp}/file: {tmp}/file is a file, not a folder; choose another --dir"),
+    ("up", "{tmp}/file/sub", "--dir {tmp}/file/sub: cannot create the folder (Not a directory); "
+                             "choose a folder you can write"),
+    ("up", "/proc/distdl", "--dir /proc/distdl: cannot create the folder (No such file or "
+                           "directory); choose a folder you can write"),
+    ("status", "{tmp}/empty", "cannot read {tmp}/empty/cluster.json: it is empty or not valid "
+                              "JSON; if a cluster of it still runs"),
+    ("down", "{tmp}/corrupt", "cannot read {tmp}/corrupt/cluster.json: it is empty or not valid "
+                              "JSON"),
+    ("down", "{tmp}/other", "cannot read {tmp}/other/cluster.json: it does not record a "
+                            "cluster's nodes"),
+    ("up", "{tmp}/corrupt", "cannot read {tmp}/corrupt/cluster.json"),
+])
+def test_a_cluster_folder_that_cannot_be_used_is_one_line(action, dir_, message, tmp_path,
+                                                          capsys):
+    """These fail before any node starts: no Ray."""
+    (tmp_path / "file").write_text("")
+    for name, text in (("empty", ""), ("corrupt", '{"nodes": ['), ("other", '{"nodes": 3}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cluster.json").write_text(text)
+    assert cli.main(["cluster", action, "--dir", dir_.replace("{tmp}", str(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
+
+
+def test_a_jobs_address_that_is_not_a_dashboard_is_one_line_without_its_bytes():
+    """A Ray GCS port speaks HTTP/2 (gRPC): its first bytes are binary, not a status line."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer_as_http2() -> None:
+        with server:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00@\x00"
+                                   b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+
+    threading.Thread(target=answer_as_http2, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    done = run_cli("jobs", "list", "--address", address, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"error: the server at http://{address} does not answer as a Ray dashboard (not "
+        "HTTP/1.1: a Ray GCS or client port?); give --address the dashboard's "
+        "http://HOST:PORT (8265 unless set otherwise)\n")
+
+
+def test_a_jobs_usage_mistake_is_its_error_line():
+    """A job whose command argparse refused: its log ends with usage text and the line."""
+    log = ("usage: distdl train [-h] [--recipe RECIPE]\n"
+           "distdl train: error: unrecognized arguments: --bogus (see distdl train --help)\n")
+    assert error_line(log) == ("distdl train: error: unrecognized arguments: --bogus (see "
+                               "distdl train --help)")
+    assert error_line("distdl: error: argument command: invalid choice: 'x'\n") == (
+        "distdl: error: argument command: invalid choice: 'x'")
+    assert error_line("usage: distdl\nall is well\n") is None
+    assert cli._first_line("Job entrypoint command failed with exit code 2, last available "
+                           "logs:\nusage: ...\n") == ("Job entrypoint command failed with exit "
+                                                      "code 2, last available logs:")
+    assert cli._first_line(None) == "no message from Ray"
