@@ -27,6 +27,8 @@ CASES = [
     (["--set", "train.use_gpu=true"], "can never be placed"),
     (["--set", "data.source=parquet:{parquet}"], "has no column 'label' (data.label_column)"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--set", "model.name=torchvision:alexnet"],
+     "model torchvision:alexnet cannot take images of 1x8x8 (C x H x W)"),
 ]
 
 
