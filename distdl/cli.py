@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from distdl.config import IMAGE_SIDES
 from distdl.errors import UserError, error_line
 from distdl.inference import AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, parse_batch_wait
 
@@ -69,7 +70,8 @@ def _bench_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="resnet18", help="any model name (default resnet18)")
     parser.add_argument("--width", type=COUNT, default=64,
                         help="first convolution's channels (64)")
-    parser.add_argument("--image-size", type=COUNT, default=32, help="square side (default 32)")
+    parser.add_argument("--image-size", type=_bounded(int, *IMAGE_SIDES), default=32,
+                        help="square side (default 32)")
     parser.add_argument("--batch-size", type=COUNT, default=512,
                         help="training batch (default 512)")
     parser.add_argument("--steps", type=COUNT, default=40, help="training steps per turn (40)")
@@ -495,13 +497,14 @@ def cmd_bench(args) -> int:
 
 
 def _step_settings(args):
-    from distdl.bench.step import StepSettings
-    from distdl.models import check_name
+    from distdl.bench.step import StepSettings, check
 
-    check_name(args.model)
-    return StepSettings(model=args.model, width=args.width, image_size=args.image_size,
-                        batch_size=args.batch_size, steps=args.steps, amp=args.amp,
-                        channels_last=args.channels_last, compile=args.compile, rounds=args.rounds)
+    settings = StepSettings(model=args.model, width=args.width, image_size=args.image_size,
+                            batch_size=args.batch_size, steps=args.steps, amp=args.amp,
+                            channels_last=args.channels_last, compile=args.compile,
+                            rounds=args.rounds)
+    check(settings)
+    return settings
 
 
 def cmd_cluster(args) -> int:

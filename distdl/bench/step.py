@@ -8,6 +8,7 @@ memory format and compile setting, and they take turns, so a drifting machine sl
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -21,8 +22,9 @@ from torch import nn
 
 from distdl import provenance, runtime
 from distdl.config import DataConfig, ModelConfig, OptimConfig
+from distdl.errors import UserError
 from distdl.inference.predictor import Predictor
-from distdl.models import build_model
+from distdl.models import build_checked, build_model
 from distdl.train import checkpoint, loop
 from distdl.train.shard import InMemoryShard
 
@@ -70,6 +72,21 @@ class _Device:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                               enabled=self.dtype is not None)
+
+
+def check(s: StepSettings) -> None:
+    """A model that cannot train on the images, or images that would not fit in memory: one
+    line, before any is made."""
+    build_checked(_model_config(s), num_classes=_CLASSES, shape=(3, s.image_size, s.image_size),
+                  batch=min(2, s.batch_size), fix="use another --image-size or --batch-size, "
+                  "or another --model")
+    # The uint8 images, and a float32 copy of them on each side.
+    needed = s.batch_size * s.steps * 3 * s.image_size**2 * (1 + 4 + 4)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > free // 2:
+        raise UserError(f"the benchmark's {s.batch_size * s.steps} images of {s.image_size}x"
+                        f"{s.image_size} need {needed / 2**30:.1f} GiB, and {free / 2**30:.1f} "
+                        "GiB of memory is free; lower --steps, --batch-size or --image-size")
 
 
 def run(s: StepSettings) -> dict[str, Any]:

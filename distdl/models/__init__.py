@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from distdl.config import ModelConfig
@@ -11,7 +12,7 @@ from distdl.errors import UserError
 from distdl.models.cnn import SmallCNN
 from distdl.models.resnet import ResNet18
 
-__all__ = ["ResNet18", "SmallCNN", "build_model", "model_names"]
+__all__ = ["ResNet18", "SmallCNN", "build_checked", "build_model", "model_names"]
 
 TORCHVISION = "torchvision:"
 
@@ -51,6 +52,26 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_s
         return ResNet18(in_channels, num_classes, image_size=image_size, width=cfg.width,
                         dropout=cfg.dropout)
     return _torchvision_model(cfg.name.removeprefix(TORCHVISION), num_classes, in_channels, image_size)
+
+
+def build_checked(cfg: ModelConfig, *, num_classes: int, shape: tuple[int, int, int], batch: int,
+                  fix: str = "set another data.image_size or train.batch_size, or choose another "
+                             "model") -> nn.Module:
+    """`build_model`, then one training-mode forward pass of `batch` blank images of `shape`
+    (C, H, W). A model that cannot train on them (torchvision's alexnet on 8x8 digits, a ViT
+    whose patch does not divide the side, batch norm on one image) fails here, in one line,
+    rather than in every worker and every restart. `fix` ends the error line."""
+    try:
+        model = build_model(cfg, num_classes=num_classes, in_channels=shape[0],
+                            image_size=shape[1])
+        with torch.no_grad():
+            model.train()(torch.zeros(batch, *shape))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"model {cfg.name} cannot train on {batch} image{'s' * (batch > 1)} of "
+                        f"{'x'.join(map(str, shape))} (C x H x W) at a time: {reason}; "
+                        f"{fix}") from None
+    return model
 
 
 def _torchvision_names() -> list[str]:

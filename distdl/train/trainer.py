@@ -10,14 +10,13 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
-from distdl.models import build_model
+from distdl.models import build_checked
 from distdl.train import checkpoint, rundir
 from distdl.train.data_split import WorkerShards
 from distdl.train.recorder import EpochRecorder
@@ -46,18 +45,6 @@ class PreparedData:
     train_rows: int
 
 
-def _check_input(model: torch.nn.Module, name: str, shape: tuple[int, int, int]) -> None:
-    """One forward pass of a blank image: a model too deep for the images (torchvision's alexnet
-    on 8x8 digits) fails here in one line, not in every worker and every restart."""
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *shape))
-    except RuntimeError as exc:
-        raise UserError(f"model {name} cannot take images of {'x'.join(map(str, shape))} "
-                        f"(C x H x W): {str(exc).splitlines()[0]}; set a larger data.image_size "
-                        "or choose another model") from None
-
-
 def prepare_data(cfg: Config) -> PreparedData:
     images = load_images(cfg.data)
     if len(images.classes) < 2:
@@ -76,10 +63,11 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
             f"training examples allow for {cfg.train.num_workers} workers; lower train.batch_size"
         )
     channels, height, width = data.images.image_shape
-    # Built once here so a bad model name or argument fails before any worker starts.
-    model = build_model(cfg.model, num_classes=len(data.images.classes), in_channels=channels,
-                        image_size=height)
-    _check_input(model, cfg.model.name, data.images.image_shape)
+    # Built once here so a bad model name or argument fails before any worker starts; a
+    # worker's batch is its share of the global one (2 images stand for any larger batch).
+    model = build_checked(cfg.model, num_classes=len(data.images.classes),
+                          shape=data.images.image_shape,
+                          batch=min(2, cfg.train.batch_size_per_worker()))
     shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
     meta = checkpoint.make_meta(
         model=cfg.model,

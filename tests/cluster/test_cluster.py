@@ -109,17 +109,23 @@ def test_a_jobs_working_directory_stays_while_its_driver_joins(local_cluster, cl
 
 
 def test_bad_arguments_fail_with_their_error_line(local_cluster, cluster_env):
-    run = distdl("submit", "--address", local_cluster["dashboard_url"], "--",
-                 "train", "--recipe", "no_such_recipe", env=cluster_env, cwd=REPO)
+    """A recipe is checked before submitting; a data path only where the job runs."""
+    address = ["--address", local_cluster["dashboard_url"]]
+    refused = distdl("submit", *address, "--", "train", "--recipe", "no_such_recipe",
+                     env=cluster_env, cwd=REPO)
+    assert refused.returncode == 2 and "submitted" not in refused.stdout, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: unknown recipe 'no_such_recipe'; choose one of:")
+    run = distdl("submit", *address, "--", "train", "--recipe", "debug", "--set",
+                 "data.source=imagefolder:/no/such/folder", env=cluster_env, cwd=REPO)
     assert run.returncode == 1
     assert "FAILED" in run.stdout
-    assert "no_such_recipe" in run.stderr.strip().splitlines()[-1]
+    assert "path not found: /no/such/folder" in run.stderr.strip().splitlines()[-1]
     job_id = run.stdout.split("submitted job ", 1)[1].split()[0]
-    address = ["--address", local_cluster["dashboard_url"]]
     status = distdl("jobs", "status", job_id, *address, env=cluster_env)
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "FAILED"
     logs = distdl("jobs", "logs", job_id, *address, env=cluster_env)
-    assert "unknown recipe 'no_such_recipe'" in logs.stdout
+    assert "path not found: /no/such/folder" in logs.stdout
     unknown = distdl("jobs", "status", "raysubmit_nosuchjob", *address, env=cluster_env)
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
 

@@ -28,7 +28,7 @@ CASES = [
     (["--set", "data.source=parquet:{parquet}"], "has no column 'label' (data.label_column)"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--set", "model.name=torchvision:alexnet"],
-     "model torchvision:alexnet cannot take images of 1x8x8 (C x H x W)"),
+     "model torchvision:alexnet cannot train on 2 images of 1x8x8 (C x H x W)"),
 ]
 
 

@@ -110,3 +110,16 @@ def test_a_jobs_usage_mistake_is_its_error_line():
                            "logs:\nusage: ...\n") == ("Job entrypoint command failed with exit "
                                                       "code 2, last available logs:")
     assert cli._first_line(None) == "no message from Ray"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "torchvision:alexnet", "--image-size", "8"],
+     "error: model torchvision:alexnet cannot train on 2 images of 3x8x8 (C x H x W) at a time"),
+    (["--model", "resnet18", "--image-size", "8", "--batch-size", "1"],
+     "Expected more than 1 value per channel when training"),
+    (["--image-size", "1024"], "lower --steps, --batch-size or --image-size"),
+])
+def test_a_step_benchmark_that_cannot_run_is_one_line_before_it_starts(args, message, capsys):
+    assert cli.main(["bench", "step", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -11,7 +11,14 @@ from torch import nn
 
 from distdl.config import ModelConfig
 from distdl.errors import UserError
-from distdl.models import ResNet18, SmallCNN, build_model, check_name, model_names
+from distdl.models import (
+    ResNet18,
+    SmallCNN,
+    build_checked,
+    build_model,
+    check_name,
+    model_names,
+)
 
 
 def _build(name: str, *, in_channels: int = 3, image_size: int = 32, num_classes: int = 10,
@@ -146,3 +153,21 @@ def test_small_cnn_overfits_a_tiny_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.parametrize(("name", "shape", "batch", "reason"), [
+    ("torchvision:alexnet", (1, 8, 8), 2, "Output size is too small"),
+    ("torchvision:vit_b_16", (1, 8, 8), 2, "Input shape indivisible by patch size"),
+    ("resnet18", (1, 8, 8), 1, "Expected more than 1 value per channel when training"),
+])
+def test_a_model_that_cannot_train_on_the_images_is_one_line(name, shape, batch, reason):
+    with pytest.raises(UserError) as info:
+        build_checked(ModelConfig(name=name), num_classes=10, shape=shape, batch=batch)
+    message = str(info.value)
+    assert message.startswith(f"model {name} cannot train on {batch} image")
+    assert reason in message and "\n" not in message
+
+
+def test_a_model_that_trains_on_the_images_is_returned():
+    model = build_checked(ModelConfig(name="resnet18"), num_classes=10, shape=(1, 8, 8), batch=2)
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
