@@ -1,7 +1,7 @@
 """`distdl bench train`: the distdl training loop against a bare PyTorch loop, in one run.
 
-Both train the same model on the same in-memory training split with the same global batch and
-the same total CPU threads. Steady state is the median of the per-epoch rates, leaving out the
+Both train the same model with the same optimizer on the same in-memory training split, with
+the same global batch and the same total CPU threads. Steady state is the median of the per-epoch rates, leaving out the
 first epoch of each (start-up, caches): the median, so that one epoch slowed by something else
 on the machine does not pull the figure down. Those rates time the training steps only; the
 epoch period (the mean time from the start of one epoch to the start of the next, over the same
@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from distdl import provenance, runtime
-from distdl.config import Config
+from distdl.config import Config, TrainConfig
 from distdl.data.transforms import normalize, to_float_chw
 from distdl.errors import UserError
 from distdl.models import build_model
 from distdl.train import rundir, trainer
+from distdl.train.loop import make_optimizer
 
 
 def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
@@ -40,8 +41,8 @@ def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
                         "training use distdl bench step, or --set train.use_gpu=false")
     if cfg.train.epochs < 3:  # steady state leaves out the first epoch and needs two after it
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
-    threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
-    runtime.connect(None, num_cpus=runtime.local_cpus(threads))
+    threads = worker_threads(cfg.train)
+    runtime.connect(None, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     with tempfile.TemporaryDirectory() as storage:
         result = trainer.train(cfg, storage=storage, run_dir=Path(storage) / cfg.name)
         history = rundir.read_metrics(Path(storage) / cfg.name)
@@ -71,6 +72,12 @@ def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
     }
 
 
+def worker_threads(train: TrainConfig) -> int:
+    """The torch threads of all the workers together (worker.py gives each
+    max(1, int(cpus_per_worker))): the bare loop gets as many."""
+    return train.num_workers * max(1, int(train.cpus_per_worker))
+
+
 def _training_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split, normalized, exactly as the distdl workers hold it."""
     data = trainer.prepare_data(cfg)
@@ -87,7 +94,7 @@ def bare_loop(cfg: Config, images: torch.Tensor, labels: torch.Tensor, *, thread
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, num_classes=int(labels.max()) + 1,
                         in_channels=images.shape[1], image_size=images.shape[2])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    optimizer = make_optimizer(model, cfg.optim)
     loss_fn = nn.CrossEntropyLoss()
     rates = []
     batch = cfg.train.batch_size

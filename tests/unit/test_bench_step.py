@@ -33,3 +33,13 @@ def test_step_benchmark_bad_input_is_one_line(args, message):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1
     assert message in lines[0]
+
+
+@pytest.mark.parametrize(("workers", "cpus", "threads"), [(2, 1.0, 2), (2, 0.5, 2), (2, 1.5, 2),
+                                                          (4, 2.0, 8)])
+def test_the_bare_training_loop_gets_the_threads_of_all_the_workers(workers, cpus, threads):
+    from distdl.bench.train import worker_threads
+    from distdl.config import TrainConfig
+
+    train = TrainConfig(num_workers=workers, cpus_per_worker=cpus, batch_size=8 * workers)
+    assert worker_threads(train) == threads
