@@ -136,7 +136,8 @@ def _bench_parsers(sub) -> None:
     bench_serve.add_argument("--checkpoint", help="serve this checkpoint (or run directory's "
                              "best) instead")
     bench_serve.add_argument("--clients", type=COUNT, default=16, help="concurrent clients (16)")
-    bench_serve.add_argument("--seconds", type=POSITIVE, default=15.0, help="per measurement (15)")
+    bench_serve.add_argument("--seconds", type=_bounded(float, 1), default=15.0,
+                             help="per measurement, at least 1 (15)")
     bench_serve.add_argument("--max-batch-size", type=COUNT, default=MAX_BATCH_SIZE,
                              help=f"(default {MAX_BATCH_SIZE})")
     bench_serve.add_argument("--batch-wait-ms", type=_batch_wait, default=BATCH_WAIT_MS,
@@ -182,7 +183,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                             f"{AUTO_WAIT_MS[1]:g} ms (default {BATCH_WAIT_MS})")
     batch.add_argument("--max-queued-requests", type=COUNT, default=256,
                        help="beyond this many waiting requests, answer 503 (default 256)")
-    batch.add_argument("--max-body-mb", type=POSITIVE, default=8.0,
+    batch.add_argument("--max-body-mb", type=_bounded(float, 0.001), default=8.0,
                        help="larger request bodies get 413 (default 8)")
     batch.add_argument("--max-pixels", type=COUNT, default=16_000_000,
                        help="larger images get 413 before decoding (default 16000000)")
@@ -226,7 +227,8 @@ def _serve_parsers(sub) -> None:
     query.add_argument("files", nargs="+", help="image files, or one .json file of instances")
     query.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
                        help="(default: DISTDL_API_KEY)")
-    query.add_argument("--timeout", type=POSITIVE, default=30.0, help="seconds (default 30)")
+    query.add_argument("--timeout", type=_bounded(float, 0, 86400, above=True), default=30.0,
+                       help="seconds, at most a day (default 30)")
 
 
 def _cluster_parsers(sub) -> None:

@@ -198,8 +198,8 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
 
     if model not in MODELS:
         raise UserError(f"unknown benchmark model {model!r}; choose one of: {', '.join(MODELS)}")
-    if clients < 1 or seconds <= 0:
-        raise UserError("--clients must be at least 1 and --seconds above 0")
+    if clients < 1 or seconds < 1:
+        raise UserError("--clients and --seconds must be at least 1")
     threads = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as scratch:
         ckpt = resolve(checkpoint) if checkpoint else make_checkpoint(model, Path(scratch))
@@ -213,6 +213,10 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         report["bare_fastapi"] = _bare(ckpt, bodies, clients=clients, seconds=seconds,
                                        threads=threads, port=port + 1)
     rate = {key: value["requests_per_s"] for key, value in report.items()}
+    silent = [key for key, value in rate.items() if value == 0]
+    if silent:  # no ratio can be taken of it
+        raise UserError(f"no request was answered through {', '.join(silent)} in {seconds:g} s "
+                        f"({', '.join(str(report[key]['errors']) for key in silent)} errors)")
     one_client = {key: value["one_client_p50_ms"] for key, value in report.items()}
     report.update({
         "model": checkpoint or model, "clients": clients, "seconds": seconds,
