@@ -706,6 +706,11 @@ def cmd_serve_update(args) -> int:
     from distdl import runtime
     from distdl.inference import deploy
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray started here would hold no application to update.
+        raise UserError("serve update changes an application on a running Ray: give its "
+                        "--address (or set RAY_ADDRESS)")
+    deploy.mount(args.checkpoint)  # checked before the seconds that connecting takes
     runtime.connect(args.address)
     version = deploy.update(args.name, args.checkpoint)
     print(f"application {args.name} now serves {args.checkpoint} (model version {version})")

@@ -112,6 +112,15 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     missing = {"model", "classes", "input_shape", "normalization"} - meta.keys()
     if missing:
         raise UserError(f"corrupt checkpoint metadata {path}: missing {', '.join(sorted(missing))}")
+    shape, classes = meta["input_shape"], meta["classes"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise UserError(f"corrupt checkpoint metadata {path}: input_shape must be [C, H, W], "
+                        f"got {shape!r}")
+    if not (isinstance(classes, list) and len(classes) >= 2
+            and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"corrupt checkpoint metadata {path}: classes must be a list of at "
+                        "least two names")
     return meta
 
 

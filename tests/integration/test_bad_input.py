@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -139,3 +141,16 @@ def test_a_good_job_command_goes_on_to_the_cluster(tmp_path):
                    "train", "--recipe", "debug", "--config", "search.yaml", timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert "no Ray cluster answers at http://127.0.0.1:1" in done.stderr
+
+
+def test_serve_update_names_what_it_lacks_before_ray_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = run_cli("serve", "update", "vision", "--checkpoint", str(tmp_path), env=env,
+                   timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["error: serve update changes an application on a "
+                                        "running Ray: give its --address (or set RAY_ADDRESS)"]
+    missing = run_cli("serve", "update", "vision", "--checkpoint", str(tmp_path / "none"),
+                      address="127.0.0.1:1", timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr[-2000:]
+    assert f"checkpoint {tmp_path / 'none'} does not exist" in missing.stderr

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -42,6 +43,18 @@ def test_damaged_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="corrupt checkpoint weights") as info:
         checkpoint.load_model(tmp_path)
     assert "weights_only=False" not in str(info.value)  # torch's advice would run the file
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("input_shape", [1, 8], "input_shape must be [C, H, W], got [1, 8]"),
+    ("input_shape", [1, 8, "8"], "input_shape must be [C, H, W]"),
+    ("classes", "abc", "classes must be a list of at least two names"),
+    ("classes", ["a"], "classes must be a list of at least two names"),
+])
+def test_metadata_of_the_wrong_shape_is_named(tmp_path, field, value, message):
+    (tmp_path / "meta.json").write_text(json.dumps({**_meta(), field: value}))
+    with pytest.raises(UserError, match=re.escape(message)):
+        checkpoint.load_meta(tmp_path)
 
 
 def test_a_missing_section_is_named(tmp_path):
