@@ -170,8 +170,12 @@ def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threa
           port: int) -> dict[str, Any]:
     import requests
 
+    from distdl.inference.deploy import REPLICA_ENV
+
+    # The replicas' environment too (OpenMP's idle threads sleep), so that only the path differs.
     server = subprocess.Popen([sys.executable, "-m", "distdl.bench.bare_server", ckpt, str(port),
-                               str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               str(threads)], env={**os.environ, **REPLICA_ENV},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -24,7 +24,7 @@ from distdl import provenance, runtime
 from distdl.config import DataConfig, ModelConfig, OptimConfig
 from distdl.errors import UserError
 from distdl.inference.predictor import Predictor
-from distdl.models import build_checked, build_model
+from distdl.models import TORCHVISION, build_checked, build_model
 from distdl.train import checkpoint, loop
 from distdl.train.shard import InMemoryShard
 
@@ -80,6 +80,9 @@ def check(s: StepSettings) -> None:
     build_checked(_model_config(s), num_classes=_CLASSES, shape=(3, s.image_size, s.image_size),
                   batch=min(2, s.batch_size), fix="use another --image-size or --batch-size, "
                   "or another --model")
+    if s.batch_size * s.steps < max(_PREDICT_BATCHES):
+        raise UserError(f"the Predictor is timed on batches of up to {max(_PREDICT_BATCHES)} of "
+                        f"the training images: --batch-size x --steps must be at least that")
     # The uint8 images, and a float32 copy of them on each side.
     needed = s.batch_size * s.steps * 3 * s.image_size**2 * (1 + 4 + 4)
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -236,7 +239,8 @@ def _bare_predict(directory: str, dev: _Device, requests) -> Callable[[int], int
 
 def format_report(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"{s['model']} (width {s['width']}) at {s['image_size']}x{s['image_size']} "
+    width = "" if s["model"].startswith(TORCHVISION) else f" (width {s['width']})"  # theirs fixed
+    lines = [f"{s['model']}{width} at {s['image_size']}x{s['image_size']} "
              f"on {report['device']} "
              f"(autocast {report['autocast']}, {report['memory_format']}, "
              f"compile {s['compile']}), median of {s['rounds']} turns"]

@@ -124,6 +124,7 @@ def test_a_jobs_usage_mistake_is_its_error_line():
     (["--model", "resnet18", "--image-size", "8", "--batch-size", "1"],
      "Expected more than 1 value per channel when training"),
     (["--image-size", "1024"], "lower --steps, --batch-size or --image-size"),
+    (["--batch-size", "4", "--steps", "2"], "--batch-size x --steps must be at least that"),
 ])
 def test_a_step_benchmark_that_cannot_run_is_one_line_before_it_starts(args, message, capsys):
     assert cli.main(["bench", "step", *args]) == 2
