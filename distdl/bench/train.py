@@ -1,12 +1,12 @@
 """`distdl bench train`: the distdl training loop against a bare PyTorch loop, in one run.
 
-Both train the same model with the same optimizer on the same in-memory training split, with
-the same global batch and the same total CPU threads. Steady state is the median of the per-epoch rates, leaving out the
-first epoch of each (start-up, caches): the median, so that one epoch slowed by something else
-on the machine does not pull the figure down. Those rates time the training steps only; the
-epoch period (the mean time from the start of one epoch to the start of the next, over the same
-epochs) adds what distdl does around them: validation, and the checkpoints and reports to Ray
-Train, which short epochs share.
+Both train the same model with the same optimizer on the same in-memory training split, with the
+same global batch and the same total CPU threads. Steady state is the median of the per-epoch
+rates, leaving out the first epoch of each (start-up, caches): the median, so that one epoch
+slowed by something else on the machine does not pull the figure down. Those rates time the
+training steps only; the epoch period (the mean time from the start of one epoch to the start of
+the next, over the same epochs) adds what distdl does around them: validation, and the
+checkpoints and reports to Ray Train, which short epochs share.
 """
 
 from __future__ import annotations
