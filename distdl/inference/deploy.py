@@ -240,8 +240,9 @@ def running_config() -> dict[str, Any]:
             "applications": apps}
 
 
-def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
-    """Point application `name` at another checkpoint, in place; returns the new model version."""
+def update(name: str, checkpoint: str, *, timeout_s: float = 180.0) -> str:
+    """Point application `name` at another checkpoint, in place; returns the new model version.
+    `checkpoint` is a path that `mount` returned."""
     from distdl.inference.serve_app import model_version
 
     config = running_config()
@@ -249,7 +250,6 @@ def update(name: str, checkpoint_spec: str, *, timeout_s: float = 180.0) -> str:
     if name not in apps or name == HEALTH_APP:
         raise UserError(f"no distdl application {name!r} is running "
                         f"(running: {', '.join(sorted(set(apps) - {HEALTH_APP})) or 'none'})")
-    _, checkpoint = mount(checkpoint_spec)
     deployment = next(d for d in apps[name]["deployments"] if d["name"] == DEPLOYMENT)
     _check_same_input(deployment.get("user_config", {}).get("checkpoint"), checkpoint)
     deployment["user_config"] = {**deployment.get("user_config", {}), "checkpoint": checkpoint}

@@ -61,9 +61,13 @@ def finished(run_dir: Path, recorded: int, epochs: int) -> bool:
 
 def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config, sort_keys=False)
+    (run_dir / CONFIG_FILE).write_text(config_text(config, provenance))
+
+
+def config_text(config: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """A resolved config as YAML under a comment header saying what made it."""
     header = "".join(f"# {k}: {v}\n" for k, v in provenance.items())
-    (run_dir / CONFIG_FILE).write_text(header + text)
+    return header + yaml.safe_dump(config, sort_keys=False)
 
 
 def changed_sections(run_dir: Path, config: dict[str, Any], sections: tuple[str, ...]) -> list[str]:

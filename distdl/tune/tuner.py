@@ -21,7 +21,7 @@ from ray import tune
 from distdl import provenance, runtime
 from distdl.config import Config, TrainConfig
 from distdl.errors import UserError
-from distdl.train import trainer
+from distdl.train import rundir, trainer
 from distdl.tune import driver, report, space
 from distdl.tune.progress import TrialPrinter
 
@@ -37,9 +37,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # the command ends as others do on Ctrl-C, printing `distdl tune ... --resume`; the state that a
 # resume reads is saved every second (above), as after a kill -9.
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-
-# The search's resolved config, in its experiment folder: --resume continues with it.
-CONFIG_FILE = "config.yaml"
 
 # A trial driver only coordinates: it reserves memory, not a CPU, so that the CPUs go to the
 # workers. (Tune refuses an empty request.)
@@ -106,7 +103,8 @@ def check_experiment(storage: str, name: str, resume: bool) -> str:
 
 
 def config_path(experiment: str) -> str:
-    return f"{experiment.rstrip('/')}/{CONFIG_FILE}"
+    """The search's resolved config, in its experiment folder: --resume continues with it."""
+    return f"{experiment.rstrip('/')}/{rundir.CONFIG_FILE}"
 
 
 def save_config(experiment: str, cfg: Config) -> None:
@@ -114,9 +112,8 @@ def save_config(experiment: str, cfg: Config) -> None:
     any trial runs: a search killed at any point resumes with it."""
     fs, path = _filesystem(config_path(experiment))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    header = "".join(f"# {k}: {v}\n" for k, v in provenance.collect().items())
     with fs.open_output_stream(path) as out:
-        out.write((header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode())
+        out.write(rundir.config_text(cfg.to_dict(), provenance.collect()).encode())
 
 
 def saved_config(experiment: str) -> Config | None:
