@@ -24,7 +24,25 @@ def error_line(text: str) -> str | None:
     return None
 
 
+# Ray's memory monitor kills a worker when its node's memory is nearly full; the report then
+# says so in the middle of some forty lines about the worker and the object store.
+_OUT_OF_MEMORY = "killed due to the node running low on memory"
+_MEMORY_USE = re.compile(r"was ([\d.]+GB used / [\d.]+GB limit)")
+
+
 def failure_line(exc: BaseException) -> str:
-    """One line for a failure reported by Ray: its error line, else its first line."""
+    """One line for a failure reported by Ray.
+
+    A worker killed for memory says so; otherwise the report's error line, else its first
+    statement: Ray's reports open with headers ("Training failed due to worker errors:",
+    "[Rank 1 Error Snippet]:") that name no cause.
+    """
     text = str(exc).strip()
-    return error_line(text) or (text.splitlines()[0] if text else type(exc).__name__)
+    if _OUT_OF_MEMORY in text:
+        use = _MEMORY_USE.search(text)
+        usage = f" ({use.group(1)})" if use else ""
+        return (f"Ray killed a worker as its node ran out of memory{usage}; choose a smaller "
+                "model, batch or image size, or fewer workers per node")
+    statements = [line.strip() for line in text.splitlines()
+                  if line.strip() and not line.strip().endswith(":")]
+    return error_line(text) or (statements[0] if statements else type(exc).__name__)
