@@ -68,6 +68,9 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
     model = build_checked(cfg.model, num_classes=len(data.images.classes),
                           shape=data.images.image_shape,
                           batch=min(2, cfg.train.batch_size_per_worker()))
+    parameters = sum(p.numel() for p in model.parameters())
+    if not cfg.train.use_gpu:
+        runtime.check_memory(parameters, cfg.train.num_workers)
     shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
     meta = checkpoint.make_meta(
         model=cfg.model,
@@ -76,7 +79,7 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
         normalization=data.normalization,
         data=cfg.data,
     )
-    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    meta["parameters"] = parameters
     return WorkerSpec(config=cfg, meta=meta, in_memory=shard_mb <= cfg.data.cache_max_mb,
                       steps_per_epoch=steps)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pyarrow as pa
@@ -68,6 +69,27 @@ def test_mistakes_are_found_before_ray_starts(args, message, tmp_path):
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert lines[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in lines[0]
+
+
+def test_a_model_too_large_for_memory_is_refused_before_training(ray_address, tmp_path):
+    """Ray's memory monitor would otherwise kill the workers, minutes into a thrashing run."""
+    import ray
+
+    from distdl.config import ModelConfig
+    from distdl.models import build_model
+
+    have = sum(n["Resources"].get("memory", 0) + n["Resources"].get("object_store_memory", 0)
+               for n in ray.nodes() if n["Alive"])
+    base = build_model(ModelConfig(width=100), num_classes=10, in_channels=1, image_size=8)
+    # small_cnn's parameters grow with the square of its width: a third more than 2 workers at
+    # 32 bytes per parameter can hold.
+    scale = have / 64 * 1.33 / sum(p.numel() for p in base.parameters())
+    done = run_cli("train", "--recipe", "debug", "--storage", str(tmp_path), "--set",
+                   f"model.width={math.ceil(100 * math.sqrt(scale))}", address=ray_address,
+                   timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "on CPU need about" in done.stderr, done.stderr
+    assert "choose a smaller model (model.width) or fewer workers" in done.stderr
 
 
 def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
