@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -45,6 +47,20 @@ COUNT = _bounded(int, 1)
 PORT = _bounded(int, 1, 65535)
 POSITIVE = _bounded(float, 0, above=True)
 NON_NEGATIVE = _bounded(float, 0)
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _host(text: str) -> str:
+    """An argparse type: an IP address or a host name. `serve build` writes it for a cluster
+    where it may resolve and this machine may not, so only its form is checked."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if len(text) > 253 or not _HOST_NAME.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"expected an IP address or host name, such as 0.0.0.0 or 127.0.0.1, got "
+                f"{text!r}") from None
+    return text
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +208,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log", action="store_true",
                         help="log every request in the replicas' Serve logs (off by default: "
                              "it costs CPU on every request)")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=8000, help="HTTP port (default 8000)")
 
 

@@ -30,6 +30,11 @@ from tests.integration.cli import run_cli
      "argument --timeout: must be above 0 and at most 86400, got 0"),
     (["cluster", "up", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
     (["bench", "serve", "--port", "65535"], "argument --port: must be at least 1 and at most 65534"),
+    (["serve", "build", "ckpt", "--host", "127.0.0.1:8000"],
+     "argument --host: expected an IP address or host name, such as 0.0.0.0 or 127.0.0.1, "
+     "got '127.0.0.1:8000'"),
+    (["serve", "ckpt", "--host", "http://node"], "argument --host: expected an IP address"),
+    (["serve", "build", "ckpt", "--host", "node_1"], "argument --host: expected an IP address"),
 ])
 def test_numbers_out_of_range_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as done:
@@ -37,6 +42,11 @@ def test_numbers_out_of_range_are_one_line_and_exit_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "fe80::1", "localhost", "head-0.ray.svc."])
+def test_addresses_and_host_names_are_hosts(host):
+    assert cli.build_parser().parse_args(["serve", "build", "ckpt", "--host", host]).host == host
 
 
 def test_a_serve_config_written_over_a_folder_is_refused(tmp_path, capsys):
