@@ -198,7 +198,8 @@ def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threa
 def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         max_batch_size: int, batch_wait_ms: float | str, threads: int | None,
         port: int) -> dict[str, Any]:
-    from distdl.train.checkpoint import load_meta, resolve
+    from distdl.inference.deploy import mount
+    from distdl.train.checkpoint import load_meta
 
     if model not in MODELS:
         raise UserError(f"unknown benchmark model {model!r}; choose one of: {', '.join(MODELS)}")
@@ -206,7 +207,9 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         raise UserError("--clients and --seconds must be at least 1")
     threads = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as scratch:
-        ckpt = resolve(checkpoint) if checkpoint else make_checkpoint(model, Path(scratch))
+        # As `distdl serve` checks it: a checkpoint that cannot load fails here, in one line,
+        # not in the replicas of a Ray started for it.
+        ckpt = mount(checkpoint)[1] if checkpoint else make_checkpoint(model, Path(scratch))
         bodies = _pngs(load_meta(ckpt)["input_shape"])
         report = {}
         for ingress in ("haproxy", "direct"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,6 +111,19 @@ def test_a_benchmark_report_file_in_a_missing_folder_is_refused_before_measuring
                    timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert f"no folder {tmp_path / 'no'}" in done.stderr and "ratio" not in done.stdout
+
+
+def test_the_serving_benchmark_refuses_a_corrupt_checkpoint_before_ray(tmp_path):
+    from distdl.bench.serve import make_checkpoint
+
+    checkpoint = Path(make_checkpoint("digits", tmp_path))
+    (checkpoint / "model.pt").write_bytes((checkpoint / "model.pt").read_bytes()[:100])
+    done = run_cli("bench", "serve", "--checkpoint", str(checkpoint), "--seconds", "1",
+                   timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [f"error: corrupt checkpoint weights {checkpoint}/model.pt: "
+                                        "not a state_dict that torch.load(weights_only=True) "
+                                        "reads (RuntimeError)"]
 
 
 def test_the_training_benchmark_refuses_gpu_recipes(tmp_path):
