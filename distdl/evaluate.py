@@ -123,9 +123,11 @@ def write(report: dict[str, Any], matrix: np.ndarray, classes: list[str], output
 
 def format_report(report: dict[str, Any]) -> str:
     width = max(len("class"), *(len(name) for name in report["per_class"]))
+    skipped = report.get("skipped", 0)
     lines = [f"accuracy {report['accuracy']:.4f} on {report['examples']} examples "
-             f"({report['data']}, {report['split']})", "",
-             f"{'class':<{width}}  accuracy   count"]
+             f"({report['data']}, {report['split']})"
+             + (f"; skipped {skipped} unreadable image{'s' * (skipped > 1)}" if skipped else ""),
+             "", f"{'class':<{width}}  accuracy   count"]
     for name, row in report["per_class"].items():
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
         lines.append(f"{name:<{width}}  {acc:>8}  {row['count']:>6}")

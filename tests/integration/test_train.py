@@ -152,8 +152,8 @@ def test_shards_too_large_for_the_cache_stream_from_ray_data(ray_address, tmp_pa
 
 @pytest.mark.slow
 def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, tmp_path):
-    """The validation digits written as PNG files score as they did in training, also when the
-    files are RGB (read as their luminance, as the model takes one channel); a class the model
+    """The validation digits written as PNG files score as they did in training (an unreadable
+    one skipped and counted), also when the files are RGB (read as their luminance, as the model takes one channel); a class the model
     does not know is refused in one line."""
     import numpy as np
     from PIL import Image
@@ -170,12 +170,14 @@ def test_evaluate_scores_png_files_of_another_dataset(digits_run, ray_address, t
             folder = tmp_path / kind / str(digits.target[i])
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{i}.png")
+    (tmp_path / "pngs" / "3" / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     best = rundir.read_result(digits_run[0])["best_checkpoint"]
     done = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'pngs'}", "--output",
                    str(tmp_path / "eval"), address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    assert report["examples"] == 300 and report["split"] == "all"
+    assert report["examples"] == 300 and report["split"] == "all" and report["skipped"] == 1
+    assert "on 300 examples" in done.stdout and "; skipped 1 unreadable image\n" in done.stdout
     assert report["accuracy"] > 0.95  # mostly training images, through the PNG decode path
     colour = run_cli("evaluate", best, "--data", f"imagefolder:{tmp_path / 'rgb'}",
                      "--output", str(tmp_path / "eval_rgb"), address=ray_address)
