@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 
 from distdl.config import DataConfig
 from distdl.errors import UserError
 from distdl.inference.predictor import Predictor
+from distdl.storage import probe
 from distdl.train.checkpoint import section
 
 REPORT_FILE = "evaluation.json"
@@ -61,13 +63,15 @@ def _load(path: str) -> Predictor:
 
 def locate(path: str) -> str:
     """The checkpoint that `path` names (itself, or a run's best), checked as far as it can be
-    without Ray: a local one must exist and hold readable metadata; a URI is checked as read."""
+    without Ray: a local one must exist and hold readable metadata; a URI must answer, in
+    bounded time, and exist (its metadata is read with the weights)."""
     from distdl.train import checkpoint
 
     path = checkpoint.resolve(path)
-    if "://" not in path:
-        if not Path(path).exists():
-            raise UserError(f"checkpoint not found: {path}")
+    remote = "://" in path
+    if not (probe(path) != pyarrow.fs.FileType.NotFound if remote else Path(path).exists()):
+        raise UserError(f"checkpoint not found: {path}")
+    if not remote:
         checkpoint.load_meta(path)
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
+from distdl.storage import probe
 from distdl.models import build_checked
 from distdl.train import checkpoint, rundir
 from distdl.train.data_split import WorkerShards
@@ -195,35 +195,8 @@ def normalize_storage(storage: str) -> str:
             raise UserError(f"cannot use storage {storage} as a folder: "
                             f"{exc.strerror or exc}") from None
         return str(path)
-    _probe(storage)
+    probe(storage)
     return storage
-
-
-# Without network or credentials, pyarrow's GCS client retries a lookup for 15 minutes.
-STORAGE_PROBE_S = 30.0
-
-
-def _probe(storage: str, timeout_s: float = STORAGE_PROBE_S) -> None:
-    """Open the storage URI and look up its folder, for at most `timeout_s`."""
-    failed: list[Exception] = []
-
-    def look() -> None:
-        try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
-            fs.get_file_info(path)
-        except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
-            failed.append(exc)
-
-    # A thread, as pyarrow's calls take no timeout; a lookup still retrying when this gives up
-    # is left to end with the process.
-    looking = threading.Thread(target=look, name="storage-probe", daemon=True)
-    looking.start()
-    looking.join(timeout_s)
-    if looking.is_alive():
-        raise UserError(f"storage {storage} did not answer within {timeout_s:g} s; check the "
-                        "network and the credentials for it, or use a local --storage")
-    if failed:
-        raise UserError(f"cannot use storage {storage}: {str(failed[0]).splitlines()[0]}")
 
 
 def checkpoint_uri(storage: str, path: str) -> str:

@@ -1,0 +1,39 @@
+"""Storage URIs (s3://, gs://, ...): looked up through pyarrow, in bounded time."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow
+import pyarrow.fs
+
+from distdl.errors import UserError
+
+# Without network or credentials, pyarrow's GCS client retries a lookup for 15 minutes.
+PROBE_S = 30.0
+
+
+def probe(uri: str, timeout_s: float = PROBE_S) -> pyarrow.fs.FileType:
+    """Open `uri`'s filesystem and look the path up, for at most `timeout_s`; returns what is
+    there (pyarrow.fs.FileType.NotFound where nothing is)."""
+    found: list[pyarrow.fs.FileType] = []
+    failed: list[Exception] = []
+
+    def look() -> None:
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+            found.append(fs.get_file_info(path).type)
+        except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
+            failed.append(exc)
+
+    # A thread, as pyarrow's calls take no timeout; a lookup still retrying when this gives up
+    # is left to end with the process.
+    looking = threading.Thread(target=look, name="storage-probe", daemon=True)
+    looking.start()
+    looking.join(timeout_s)
+    if looking.is_alive():
+        raise UserError(f"storage {uri} did not answer within {timeout_s:g} s; check the "
+                        "network and the credentials for it, or use a local path")
+    if failed:
+        raise UserError(f"cannot use storage {uri}: {str(failed[0]).splitlines()[0]}")
+    return found[0]
