@@ -208,7 +208,8 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log", action="store_true",
                         help="log every request in the replicas' Serve logs (off by default: "
                              "it costs CPU on every request)")
-    parser.add_argument("--host", type=_host, default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--host", type=_host, default="127.0.0.1",
+                        help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=PORT, default=8000, help="HTTP port (default 8000)")
 
 

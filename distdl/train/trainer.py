@@ -16,8 +16,8 @@ from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
-from distdl.storage import probe
 from distdl.models import build_checked
+from distdl.storage import probe
 from distdl.train import checkpoint, rundir
 from distdl.train.data_split import WorkerShards
 from distdl.train.recorder import EpochRecorder
