@@ -301,7 +301,14 @@ def _running(proc: Any) -> bool:
 
 
 def _create_time(pid: int) -> float:
-
+    """When process `pid` started, as a stamp that tells it from a later process of the same
+    pid. On Linux: clock ticks from boot to its start. psutil's create_time adds the boot time
+    as the wall clock now gives it, which moves when the clock is stepped (time sync, a paused
+    machine resumed): a running node then looked stopped."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        # The fields after the command name's closing parenthesis; starttime is the 22nd field.
+        return float(stat.read_text().rsplit(")", 1)[1].split()[19])
     return psutil.Process(pid).create_time()
 
 
@@ -310,8 +317,8 @@ def _process_alive(node: dict[str, Any]) -> bool:
 
     try:
         proc = psutil.Process(node["pid"])
-        return proc.create_time() == node["started"] and _running(proc)
-    except psutil.Error:
+        return _create_time(proc.pid) == node["started"] and _running(proc)
+    except (psutil.Error, OSError):  # OSError: it ended as /proc was read
         return False
 
 
