@@ -349,6 +349,10 @@ def cmd_train(args) -> int:
     except trainer.TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; the same command continues from the latest checkpoint",
+              file=sys.stderr)
+        return 130
     _print_result(result, run_dir)
     return 0
 

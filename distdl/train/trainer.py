@@ -146,6 +146,10 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingFailed(failure_line(exc)) from None
+    except SystemExit:
+        # On Ctrl-C, Ray Train's own handler aborts the run, and the driver's wait for it then
+        # ends in SystemExit(1): the command would end without a word.
+        raise KeyboardInterrupt from None
     history = rundir.read_metrics(run_dir)
     summary = summarize(result, history, storage, started, skipped=data.images.skipped)
     rundir.write_result(run_dir, summary)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from distdl.train import checkpoint, rundir
-from tests.integration.cli import fresh_shell_env, run_cli
+from tests.integration.cli import fresh_shell_env, popen_cli, run_cli
 
 
 @pytest.mark.slow
@@ -82,6 +84,37 @@ def test_rerunning_a_name_resumes_at_the_next_epoch(ray_address, tmp_path):
     assert "has trained 4 epochs already, so there is nothing to train" in third.stdout
     assert "training small_cnn" not in third.stdout  # decided before joining Ray
     assert rundir.read_metrics(tmp_path / "resume") == after
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_training_in_one_line_and_the_same_command_continues(ray_address, tmp_path):
+    """Ray Train's own Ctrl-C handler aborts the run; the command then ends with 130 and
+    says how to continue, and that command does, without training an epoch twice."""
+    command = ("train", "--recipe", "debug", "--set", "train.epochs=8", "--set",
+               "train.batch_size=16", "--name", "ctrlc", "--storage", str(tmp_path))
+    process = popen_cli(*command, address=ray_address,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    hung = threading.Timer(300, process.kill)  # reading its output would wait on a hang forever
+    hung.start()
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch   1/8"):
+                break
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        hung.cancel()
+        process.kill()
+    assert process.returncode == 130, output[-3000:]
+    assert output.rstrip().splitlines()[-1] == (
+        "interrupted; the same command continues from the latest checkpoint"), output[-3000:]
+    assert "Traceback" not in output
+    stopped_at = len(rundir.read_metrics(tmp_path / "ctrlc"))
+    assert 1 <= stopped_at < 8, output[-3000:]
+
+    done = run_cli(*command, address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["epoch"] for m in rundir.read_metrics(tmp_path / "ctrlc")] == list(range(1, 9))
 
 
 @pytest.mark.slow
