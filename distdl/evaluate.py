@@ -69,7 +69,11 @@ def locate(path: str) -> str:
 
     path = checkpoint.resolve(path)
     remote = "://" in path
-    if not (probe(path) != pyarrow.fs.FileType.NotFound if remote else Path(path).exists()):
+    if remote:
+        exists = probe(path, what="checkpoint") != pyarrow.fs.FileType.NotFound
+    else:
+        exists = Path(path).exists()
+    if not exists:
         raise UserError(f"checkpoint not found: {path}")
     if not remote:
         checkpoint.load_meta(path)

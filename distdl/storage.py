@@ -13,9 +13,13 @@ from distdl.errors import UserError
 PROBE_S = 30.0
 
 
-def probe(uri: str, timeout_s: float = PROBE_S) -> pyarrow.fs.FileType:
+# What pyarrow raises for a URI it cannot open or read: the user's to fix.
+_USER_FAULTS = (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError)
+
+
+def probe(uri: str, timeout_s: float = PROBE_S, *, what: str = "storage") -> pyarrow.fs.FileType:
     """Open `uri`'s filesystem and look the path up, for at most `timeout_s`; returns what is
-    there (pyarrow.fs.FileType.NotFound where nothing is)."""
+    there (pyarrow.fs.FileType.NotFound where nothing is). `what` names the URI in errors."""
     found: list[pyarrow.fs.FileType] = []
     failed: list[Exception] = []
 
@@ -23,7 +27,7 @@ def probe(uri: str, timeout_s: float = PROBE_S) -> pyarrow.fs.FileType:
         try:
             fs, path = pyarrow.fs.FileSystem.from_uri(uri)
             found.append(fs.get_file_info(path).type)
-        except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - raised again below, in the caller's thread
             failed.append(exc)
 
     # A thread, as pyarrow's calls take no timeout; a lookup still retrying when this gives up
@@ -32,8 +36,11 @@ def probe(uri: str, timeout_s: float = PROBE_S) -> pyarrow.fs.FileType:
     looking.start()
     looking.join(timeout_s)
     if looking.is_alive():
-        raise UserError(f"storage {uri} did not answer within {timeout_s:g} s; check the "
+        raise UserError(f"{what} {uri} did not answer within {timeout_s:g} s; check the "
                         "network and the credentials for it, or use a local path")
+    if failed and not isinstance(failed[0], _USER_FAULTS):
+        raise failed[0]
     if failed:
-        raise UserError(f"cannot use storage {uri}: {str(failed[0]).splitlines()[0]}")
+        reason = (str(failed[0]).strip().splitlines() or [type(failed[0]).__name__])[0]
+        raise UserError(f"cannot use {what} {uri}: {reason}")
     return found[0]

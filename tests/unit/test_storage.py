@@ -41,5 +41,5 @@ def test_a_checkpoint_uri_is_looked_up_before_ray(tmp_path):
     with pytest.raises(UserError, match=f"checkpoint not found: file://{tmp_path}/none"):
         evaluate.locate(f"file://{tmp_path}/none")
     assert evaluate.locate(f"file://{tmp_path}") == f"file://{tmp_path}"
-    with pytest.raises(UserError, match="cannot use storage s3://bucket/ckpt"):
+    with pytest.raises(UserError, match="cannot use checkpoint s3://bucket/ckpt"):
         evaluate.locate(f"s3://bucket/ckpt?{UNREACHABLE}")
