@@ -385,19 +385,20 @@ def cmd_tune(args) -> int:
     from distdl.tune import progress, report, space, tuner
 
     cfg = _config(args, TUNE_RECIPE)
-    saved = _resumed_config(args, cfg) if args.resume else None
+    storage = _check_before_ray(cfg, args.storage)
+    saved = _resumed_config(args, cfg, storage) if args.resume else None
     cfg = saved or cfg
     params = space.parse(cfg)
     output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     rundir.check_writable(output)
-    tuner.check_experiment(_check_before_ray(cfg, args.storage), cfg.name, args.resume)
+    tuner.check_experiment(storage, cfg.name, args.resume)
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()),
                     dashboard=True)
     print(f"{'resuming' if args.resume else 'searching'} {', '.join(p.field for p in params)} "
           f"for {cfg.tune.metric} ({cfg.tune.mode}): {cfg.tune.num_samples} samples, "
           f"{cfg.tune.scheduler} scheduler, workers per trial: {cfg.train.num_workers}")
     try:
-        result = tuner.run(cfg, params, storage=args.storage, output=output, resume=args.resume)
+        result = tuner.run(cfg, params, storage=storage, output=output, resume=args.resume)
     except KeyboardInterrupt:
         # Tune's own Ctrl-C handling is off (tuner.py): it would end the search as if it had
         # finished, with its unrun trials in the summary, and suggest Python to resume it.
@@ -421,15 +422,13 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _resumed_config(args, cfg):
+def _resumed_config(args, cfg, storage: str):
     """The config a search was started with, which --resume continues (None for a search that
     saved none: then the arguments' config, as before). Any --recipe, --config or --set given
     must agree with it: a search cannot change its settings midway."""
-    from distdl.train import trainer
     from distdl.tune import tuner
 
-    experiment = tuner.check_experiment(trainer.normalize_storage(args.storage), cfg.name,
-                                        resume=True)
+    experiment = tuner.check_experiment(storage, cfg.name, resume=True)
     given = args.recipe is not None or args.config is not None or bool(args.overrides)
     return tuner.resumed_config(experiment, cfg if given else None)
 

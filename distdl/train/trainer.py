@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from distdl import provenance, runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
-from distdl.models import build_checked
+from distdl.models import build_checked, build_model
 from distdl.storage import probe
 from distdl.train import checkpoint, rundir
 from distdl.train.data_split import WorkerShards
@@ -64,14 +66,16 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
             f"training examples allow for {cfg.train.num_workers} workers; lower train.batch_size"
         )
     channels, height, width = data.images.image_shape
-    # Built once here so a bad model name or argument fails before any worker starts; a
-    # worker's batch is its share of the global one (2 images stand for any larger batch).
-    model = build_checked(cfg.model, num_classes=len(data.images.classes),
-                          shape=data.images.image_shape,
-                          batch=min(2, cfg.train.batch_size_per_worker()))
-    parameters = sum(p.numel() for p in model.parameters())
+    num_classes = len(data.images.classes)
+    # Counted on the meta device, which allocates nothing: a model too large for the workers
+    # is refused before the driver builds one.
+    parameters = count_parameters(cfg, num_classes, channels, height)
     if not cfg.train.use_gpu:
         runtime.check_memory(parameters, cfg.train.num_workers)
+    # Built once here so a bad model argument fails before any worker starts; a worker's
+    # batch is its share of the global one (2 images stand for any larger batch).
+    build_checked(cfg.model, num_classes=num_classes, shape=data.images.image_shape,
+                  batch=min(2, cfg.train.batch_size_per_worker()))
     shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
     meta = checkpoint.make_meta(
         model=cfg.model,
@@ -83,6 +87,13 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
     meta["parameters"] = parameters
     return WorkerSpec(config=cfg, meta=meta, in_memory=shard_mb <= cfg.data.cache_max_mb,
                       steps_per_epoch=steps)
+
+
+def count_parameters(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:
+    with torch.device("meta"):
+        model = build_model(cfg.model, num_classes=num_classes, in_channels=channels,
+                            image_size=image_size)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_trainer(
@@ -131,25 +142,18 @@ def build_trainer(
 
 
 def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) training for `cfg`; write the run directory and return result.json.
+    """Run (or resume) training for `cfg` in `storage` (as normalize_storage returns it); write
+    the run directory and return result.json.
 
     The caller answers a finished run itself (rundir.finished): `distdl train` does so before
     starting Ray.
     """
     started = time.time()
-    storage = normalize_storage(storage)
     runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data = prepare_data(cfg)
-    rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())
     trainer = build_trainer(cfg, data, storage=storage, callbacks=[EpochRecorder(run_dir)])
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(failure_line(exc)) from None
-    except SystemExit:
-        # On Ctrl-C, Ray Train's own handler aborts the run, and the driver's wait for it then
-        # ends in SystemExit(1): the command would end without a word.
-        raise KeyboardInterrupt from None
+    rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())  # once the checks pass
+    result = fit(trainer)
     history = rundir.read_metrics(run_dir)
     summary = summarize(result, history, storage, started, skipped=data.images.skipped)
     rundir.write_result(run_dir, summary)
@@ -158,6 +162,25 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
 
         training_curves(history, run_dir / rundir.CURVES_FILE)
     return summary
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, its failure a TrainingFailed and Ctrl-C a KeyboardInterrupt.
+
+    On Ctrl-C, the SIGINT handler that fit installs aborts the run, which ends the controller
+    actor it waits on, and then calls sys.exit(0): the command would end in silence with 0.
+    That handler is also the only source of a SystemExit here. It stays installed after fit
+    returns, so the previous one is put back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(failure_line(exc)) from None
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: str,

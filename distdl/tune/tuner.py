@@ -61,9 +61,9 @@ def concurrent_trials(train: TrainConfig, cap: int) -> int:
 
 def run(cfg: Config, params: list[space.Param], *, storage: str, output: Path, resume: bool,
         emit: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the search of `cfg.tune`; write the summary files and return the summary."""
+    """Run (or resume) the search of `cfg.tune` in `storage` (trainer.normalize_storage's);
+    write the summary files and return the summary."""
     started = time.time()
-    storage = trainer.normalize_storage(storage)
     experiment = check_experiment(storage, cfg.name, resume)
     train = cfg.train
     runtime.check_placeable(train.num_workers, train.cpus_per_worker, train.use_gpu)
