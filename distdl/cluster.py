@@ -157,7 +157,7 @@ def _start_node(state: dict[str, Any], env: dict[str, str], name: str,
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
-    return {"name": name, "pid": proc.pid, "started": _create_time(proc.pid), "log": str(log_path)}
+    return {"name": name, "pid": proc.pid, **_start_stamp(proc.pid), "log": str(log_path)}
 
 
 def _free_port() -> int:
@@ -300,24 +300,27 @@ def _running(proc: Any) -> bool:
         return False
 
 
-def _create_time(pid: int) -> float:
-    """When process `pid` started, as a stamp that tells it from a later process of the same
-    pid. On Linux: clock ticks from boot to its start. psutil's create_time adds the boot time
-    as the wall clock now gives it, which moves when the clock is stepped (time sync, a paused
-    machine resumed): a running node then looked stopped."""
+def _start_stamp(pid: int) -> dict[str, float]:
+    """When process `pid` started, to tell it from a later process of the same pid:
+    "started", psutil's create_time, and on Linux "start_ticks", clock ticks from boot to its
+    start. create_time adds the boot time as the wall clock now gives it, so it moves when the
+    clock is stepped (time sync, a paused machine resumed): a running node then looked stopped."""
+    stamp = {"started": psutil.Process(pid).create_time()}
     stat = Path(f"/proc/{pid}/stat")
     if stat.exists():
         # The fields after the command name's closing parenthesis; starttime is the 22nd field.
-        return float(stat.read_text().rsplit(")", 1)[1].split()[19])
-    return psutil.Process(pid).create_time()
+        stamp["start_ticks"] = int(stat.read_text().rsplit(")", 1)[1].split()[19])
+    return stamp
 
 
 def _process_alive(node: dict[str, Any]) -> bool:
-    """The node's own process still runs (the same process: its start time matches)."""
-
+    """The node's own process still runs (the same process: its start matches)."""
     try:
         proc = psutil.Process(node["pid"])
-        return _create_time(proc.pid) == node["started"] and _running(proc)
+        now = _start_stamp(proc.pid)
+        # cluster.json files from before start_ticks, and systems without /proc, have "started".
+        key = "start_ticks" if "start_ticks" in node and "start_ticks" in now else "started"
+        return now[key] == node[key] and _running(proc)
     except (psutil.Error, OSError):  # OSError: it ended as /proc was read
         return False
 
