@@ -730,7 +730,7 @@ def cmd_serve_update(args) -> int:
         # A local Ray started here would hold no application to update.
         raise UserError("serve update changes an application on a running Ray: give its "
                         "--address (or set RAY_ADDRESS)")
-    _, checkpoint = deploy.mount(args.checkpoint)  # before the seconds that connecting takes
+    checkpoint, _ = deploy.checked_checkpoint(args.checkpoint)  # before connecting (seconds)
     runtime.connect(args.address)
     version = deploy.update(args.name, checkpoint)
     print(f"application {args.name} now serves {args.checkpoint} (model version {version})")

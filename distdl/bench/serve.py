@@ -198,7 +198,7 @@ def _bare(ckpt: str, bodies: list[bytes], *, clients: int, seconds: float, threa
 def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
         max_batch_size: int, batch_wait_ms: float | str, threads: int | None,
         port: int) -> dict[str, Any]:
-    from distdl.inference.deploy import mount
+    from distdl.inference.deploy import checked_checkpoint
     from distdl.train.checkpoint import load_meta
 
     if model not in MODELS:
@@ -209,7 +209,10 @@ def run(*, model: str, checkpoint: str | None, clients: int, seconds: float,
     with tempfile.TemporaryDirectory() as scratch:
         # As `distdl serve` checks it: a checkpoint that cannot load fails here, in one line,
         # not in the replicas of a Ray started for it.
-        ckpt = mount(checkpoint)[1] if checkpoint else make_checkpoint(model, Path(scratch))
+        if checkpoint:
+            ckpt = checked_checkpoint(checkpoint)[0]
+        else:
+            ckpt = make_checkpoint(model, Path(scratch))
         bodies = _pngs(load_meta(ckpt)["input_shape"])
         report = {}
         for ingress in ("haproxy", "direct"):

@@ -54,12 +54,23 @@ class ServeOptions:
 
 def mount(spec: str) -> tuple[str, str]:
     """`NAME=PATH` or `PATH` -> (application name, absolute checkpoint path), checked to load.
-    PATH is a checkpoint directory, or a run directory for its best checkpoint."""
+    PATH is a checkpoint directory, or a run directory for its best checkpoint. A PATH that
+    exists is never split at an "=" in it (Tune names its trial folders lr=0.1_...)."""
+    name, sep, path = spec.partition("=")
+    if not sep or "/" in name or Path(spec).expanduser().exists():
+        name, path = "", spec
+    directory, task = checked_checkpoint(path)
+    name = name or PREFIXES[task]
+    if not name.replace("-", "").replace("_", "").isalnum() or name == HEALTH_APP:
+        raise UserError(f"bad application name {name!r}: use letters, digits, - and _")
+    return name, directory
+
+
+def checked_checkpoint(path: str) -> tuple[str, str]:
+    """A checkpoint (or run) directory -> (absolute checkpoint directory, its task), loaded
+    once here: a corrupt checkpoint fails in one line, not in every replica."""
     from distdl.train import checkpoint
 
-    name, sep, path = spec.partition("=")
-    if not sep:
-        name, path = "", spec
     path = checkpoint.resolve(path).removeprefix("file://")
     if "://" in path:
         raise UserError(f"checkpoint {path}: replicas load a checkpoint from a directory on "
@@ -69,15 +80,12 @@ def mount(spec: str) -> tuple[str, str]:
         problem = "is not a directory" if directory.exists() else "does not exist"
         raise UserError(f"checkpoint {path} {problem}: give the checkpoint directory that "
                         "holds model.pt and meta.json, or the run directory that names it")
-    _, meta = checkpoint.load_model(directory)  # a corrupt checkpoint fails here, not in a replica
+    _, meta = checkpoint.load_model(directory)
     task = meta.get("task", "image_classification")
     if task not in PREFIXES:
         raise UserError(f"checkpoint {path} is for task {task!r}; distdl serves "
                         f"{', '.join(PREFIXES)}")
-    name = name or PREFIXES[task]
-    if not name.replace("-", "").replace("_", "").isalnum() or name == HEALTH_APP:
-        raise UserError(f"bad application name {name!r}: use letters, digits, - and _")
-    return name, str(directory)
+    return str(directory), task
 
 
 def application(name: str, checkpoint: str, options: ServeOptions,
