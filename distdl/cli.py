@@ -56,7 +56,9 @@ def _host(text: str) -> str:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        if len(text) > 253 or not _HOST_NAME.fullmatch(text):
+        # A name's last label is never all digits: 192.168.1.300 is a mistyped address.
+        if (len(text) > 253 or not _HOST_NAME.fullmatch(text)
+                or text.rstrip(".").rsplit(".", 1)[-1].isdigit()):
             raise argparse.ArgumentTypeError(
                 f"expected an IP address or host name, such as 0.0.0.0 or 127.0.0.1, got "
                 f"{text!r}") from None
