@@ -42,7 +42,7 @@ def failure_line(exc: BaseException) -> str:
         use = _MEMORY_USE.search(text)
         usage = f" ({use.group(1)})" if use else ""
         return (f"Ray killed a worker as its node ran out of memory{usage}; choose a smaller "
-                "model, batch or image size, or fewer workers per node")
+                "model, batch or image size, or fewer workers or replicas per node")
     statements = [line.strip() for line in text.splitlines()
                   if line.strip() and not line.strip().endswith(":")]
     return error_line(text) or (statements[0] if statements else type(exc).__name__)

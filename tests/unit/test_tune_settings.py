@@ -13,9 +13,9 @@ def _settings(*overrides: str) -> config.Config:
     return config.resolve(recipes.get("digits_tune"), None, list(overrides))
 
 
-def test_a_search_that_saved_no_settings_resumes_with_the_given_ones(tmp_path):
-    """A search started before distdl saved its settings has no config.yaml: --resume then
-    takes the arguments' settings (cmd_tune keeps its own config where this is None)."""
+def test_a_search_that_saved_no_settings_has_no_resumed_config(tmp_path):
+    """A search started before distdl saved its settings has no config.yaml: resumed_config
+    is None, and cmd_tune then goes on with the arguments' settings."""
     (tmp_path / "old").mkdir()
     assert tuner.saved_config(str(tmp_path / "old")) is None
     assert tuner.resumed_config(str(tmp_path / "old"), _settings("train.epochs=3")) is None
