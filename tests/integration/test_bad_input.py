@@ -57,6 +57,10 @@ BEFORE_RAY = [
     (["train", "--output", "{tmp}/file/run"], "{tmp}/file is a file"),
     (["tune", "--resume", "--set", "tune.space={optim.lr: {choice: [0.1]}}"],
      "no search named 'debug' to resume"),
+    (["train", "--storage", "s3://b/r?endpoint_override=127.0.0.1:1&scheme=http"],
+     "cannot use storage s3://b/r"),
+    (["tune", "--storage", "s3://b/r?endpoint_override=127.0.0.1:1&scheme=http"],
+     "cannot use storage s3://b/r"),
 ]
 
 
