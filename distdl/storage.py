@@ -11,8 +11,6 @@ from distdl.errors import UserError
 
 # Without network or credentials, pyarrow's GCS client retries a lookup for 15 minutes.
 PROBE_S = 30.0
-
-
 # What pyarrow raises for a URI it cannot open or read: the user's to fix.
 _USER_FAULTS = (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError)
 
@@ -27,7 +25,7 @@ def probe(uri: str, timeout_s: float = PROBE_S, *, what: str = "storage") -> pya
         try:
             fs, path = pyarrow.fs.FileSystem.from_uri(uri)
             found.append(fs.get_file_info(path).type)
-        except Exception as exc:  # noqa: BLE001 - raised again below, in the caller's thread
+        except Exception as exc:  # raised again below, in the caller's thread
             failed.append(exc)
 
     # A thread, as pyarrow's calls take no timeout; a lookup still retrying when this gives up

@@ -90,6 +90,7 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
 
 
 def count_parameters(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:
+    """The model's parameter count, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(cfg.model, num_classes=num_classes, in_channels=channels,
                             image_size=image_size)
