@@ -55,7 +55,7 @@ class ServeOptions:
 def mount(spec: str) -> tuple[str, str]:
     """`NAME=PATH` or `PATH` -> (application name, absolute checkpoint path), checked to load.
     PATH is a checkpoint directory, or a run directory for its best checkpoint. A PATH that
-    exists is never split at an "=" in it (Tune names its trial folders lr=0.1_...)."""
+    exists is never split at an "=" in it (Ray Tune's default trial folders: lr=0.1_...)."""
     name, sep, path = spec.partition("=")
     if not sep or "/" in name or Path(spec).expanduser().exists():
         name, path = "", spec

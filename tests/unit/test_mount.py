@@ -11,7 +11,7 @@ from distdl.inference.deploy import checked_checkpoint, mount
 
 @pytest.fixture(scope="module")
 def checkpoint_with_equals(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("ckpt") / "lr=0.1"  # as Tune names its trial folders
+    folder = tmp_path_factory.mktemp("ckpt") / "lr=0.1"  # as in Ray Tune's default trial folders
     folder.mkdir()
     return make_checkpoint("digits", folder)
 
