@@ -36,11 +36,16 @@ def _bounded(kind: type, low: float, high: float = math.inf, *, above: bool = Fa
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not (math.isfinite(value) and (value > low if above else value >= low)
                 and value <= high):
-            bound = f"above {low:g}" if above else f"at least {low:g}"
-            bound += f" and at most {high:g}" if high != math.inf else ""
+            bound = f"above {_plain(low)}" if above else f"at least {_plain(low)}"
+            bound += f" and at most {_plain(high)}" if high != math.inf else ""
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
+
+
+def _plain(number: float) -> str:
+    """178956970, not 1.78957e+08; 0.001 stays 0.001."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 COUNT = _bounded(int, 1)
@@ -203,8 +208,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                        help="beyond this many waiting requests, answer 503 (default 256)")
     batch.add_argument("--max-body-mb", type=_bounded(float, 0.001), default=8.0,
                        help="larger request bodies get 413 (default 8)")
-    batch.add_argument("--max-pixels", type=COUNT, default=16_000_000,
-                       help="larger images get 413 before decoding (default 16000000)")
+    # At most Pillow's own decompression-bomb limit, past which it refuses any image.
+    batch.add_argument("--max-pixels", type=_bounded(int, 1, 178_956_970), default=16_000_000,
+                       help="larger images get 413 before decoding (default 16000000, at "
+                            "most 178956970)")
     batch.add_argument("--max-instances", type=COUNT, default=64,
                        help="images per request (default 64)")
     parser.add_argument("--access-log", action="store_true",

@@ -73,6 +73,10 @@ def resize_uint8(image_hwc: np.ndarray, size: Size) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
+# Pillow's own decompression-bomb limit (twice its MAX_IMAGE_PIXELS): it refuses larger images.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+
 def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: int) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to uint8 (H, W, channels), resized to `size` when given.
 
@@ -100,6 +104,10 @@ def decode_image(data: bytes, *, channels: int, size: Size | None, max_pixels: i
             pixels = np.asarray(img)
     except ValueError:
         raise
+    except Image.DecompressionBombError:
+        # Pillow refuses an image of over PILLOW_MAX_PIXELS as it opens it, before the check
+        # above; callers keep max_pixels below that, so the image is over max_pixels too.
+        raise ValueError(f"image is larger than {max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise ValueError("not a readable image: not PNG, JPEG or another format Pillow "
                          "reads") from None

@@ -96,9 +96,13 @@ def _pixels(item: Any, index: int, input_shape: tuple[int, int, int], limits: Li
     channels, height, width = input_shape
     where = f"instances[{index}]"
     try:
-        array = np.asarray(item, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise BadInput(f"{where} is not a rectangular array of numbers") from None
+        array = np.asarray(item)
+    except ValueError:  # ragged
+        array = np.asarray(None)
+    # Numbers only: numpy would read "7" and true as pixel values.
+    if array.dtype.kind not in "iuf":
+        raise BadInput(f"{where} is not a rectangular array of numbers")
+    array = array.astype(np.float64)
     if array.ndim == 2 and channels == 1:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] != channels:

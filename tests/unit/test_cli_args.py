@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from distdl import cli
+from distdl.data.transforms import PILLOW_MAX_PIXELS
 from distdl.errors import error_line
 from tests.integration.cli import run_cli
 
@@ -30,6 +31,8 @@ from tests.integration.cli import run_cli
      "argument --timeout: must be above 0 and at most 86400, got 0"),
     (["cluster", "up", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
     (["bench", "serve", "--port", "65535"], "argument --port: must be at least 1 and at most 65534"),
+    (["serve", "build", "ckpt", "--max-pixels", str(PILLOW_MAX_PIXELS + 1)],
+     f"argument --max-pixels: must be at least 1 and at most {PILLOW_MAX_PIXELS}, got"),
 ])
 def test_numbers_out_of_range_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as done:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -47,6 +49,23 @@ def test_bad_image_bodies(data, status, words):
     assert got == status and words in message
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` 8-bit grey pixels and holds none of them: all
+    that Pillow reads before it refuses an image as a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_past_pillows_own_bomb_limit_is_413_like_any_too_large():
+    got, message = _status(lambda: inputs.decode(_png_header(15_000, 15_000), input_shape=GREY,
+                                                 limits=Limits()))
+    assert (got, message) == (413, "body: image is larger than 16000000 pixels")
+
+
 def test_json_instances_of_any_size_are_resized():
     small = np.arange(64).reshape(8, 8).tolist()
     large = np.full((16, 16, 1), 200).tolist()
@@ -62,6 +81,9 @@ def test_json_instances_of_any_size_are_resized():
     ({"instances": []}, 400, "no images"),
     ({"instances": [[[1, 2], [3]]]}, 400, "rectangular"),
     ({"instances": [[["a"]]]}, 400, "rectangular"),
+    ({"instances": [[["1", "2"], ["3", "4"]]]}, 400, "array of numbers"),
+    ({"instances": [[[True, False], [True, True]]]}, 400, "array of numbers"),
+    ({"instances": [[[10 ** 40]]]}, 400, "array of numbers"),
     ({"instances": [[1, 2, 3]]}, 400, "shape"),
     ({"instances": [[[float("nan")]]]}, 400, "NaN"),
     ({"instances": [[[float("inf")]]]}, 400, "infinite"),
