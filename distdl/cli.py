@@ -70,6 +70,14 @@ def _host(text: str) -> str:
     return text
 
 
+def _api_key(text: str) -> str:
+    """An argparse type: a key that an HTTP header can carry (it is not echoed: a secret)."""
+    if not (text.isascii() and text.isprintable() and " " not in text):
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces, as HTTP "
+                                         "headers carry it")
+    return text
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None,
                         help="named preset: digits_cpu (default; digits_tune for tune), "
@@ -227,7 +235,7 @@ def _serve_parsers(sub) -> None:
                                          "(also: serve build, serve update)")
     _serve_options(serve)
     _ray_args(serve)
-    serve.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
+    serve.add_argument("--api-key", type=_api_key, default=os.environ.get("DISTDL_API_KEY"),
                        help="require this key from clients (default: DISTDL_API_KEY)")
     serve.add_argument("--ingress", choices=["haproxy", "proxy", "direct"],
                        help="how HTTP reaches the replicas of a Ray that distdl starts: haproxy "
@@ -251,7 +259,7 @@ def _serve_parsers(sub) -> None:
     query = sub.add_parser("query", help="send images or a JSON file to a distdl endpoint")
     query.add_argument("url", help="e.g. http://127.0.0.1:8000/vision")
     query.add_argument("files", nargs="+", help="image files, or one .json file of instances")
-    query.add_argument("--api-key", default=os.environ.get("DISTDL_API_KEY"),
+    query.add_argument("--api-key", type=_api_key, default=os.environ.get("DISTDL_API_KEY"),
                        help="(default: DISTDL_API_KEY)")
     query.add_argument("--timeout", type=_bounded(float, 0, 86400, above=True), default=30.0,
                        help="seconds, at most a day (default 30)")

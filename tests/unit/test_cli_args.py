@@ -31,6 +31,10 @@ from tests.integration.cli import run_cli
      "argument --timeout: must be above 0 and at most 86400, got 0"),
     (["cluster", "up", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
     (["bench", "serve", "--port", "65535"], "argument --port: must be at least 1 and at most 65534"),
+    (["query", "http://127.0.0.1:1/vision", "x.png", "--api-key", "ключ"],
+     "argument --api-key: must be printable ASCII without spaces"),
+    (["serve", "ckpt", "--api-key", "two words"],
+     "argument --api-key: must be printable ASCII without spaces"),
     (["serve", "build", "ckpt", "--max-pixels", str(PILLOW_MAX_PIXELS + 1)],
      f"argument --max-pixels: must be at least 1 and at most {PILLOW_MAX_PIXELS}, got"),
 ])
