@@ -21,6 +21,9 @@ from distdl.errors import UserError
 
 
 IMAGE_SIDES = (4, 1024)
+MAX_WIDTH = 65_536  # model.width: far past any model a node can hold, short of torch's overflows
+MAX_CPUS_PER_WORKER = 1024
+MAX_NAME_BYTES = 200  # a folder name, with room for the suffixes Ray Train adds (255 at most)
 """The sides in pixels that images are trained at, from data.image_size or a file source."""
 
 
@@ -45,6 +48,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1")
+        _check_seed(self.seed, "data.seed")
         low, high = IMAGE_SIDES
         _check(self.image_size is None or low <= self.image_size <= high,
                f"data.image_size must be between {low} and {high} pixels (or null)")
@@ -66,7 +70,7 @@ class ModelConfig:
     """small_cnn: batch norm after each convolution (off for exact DDP-vs-single checks)."""
 
     def __post_init__(self) -> None:
-        _check(self.width >= 1, "model.width must be >= 1")
+        _check(1 <= self.width <= MAX_WIDTH, f"model.width must be between 1 and {MAX_WIDTH}")
         _check(1 <= self.depth <= 6, "model.depth must be between 1 and 6")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
@@ -137,7 +141,9 @@ class TrainConfig:
                f"({self.num_workers}), so that the global batch stays what it says; choose a "
                f"multiple of {self.num_workers}, such as "
                f"{self.batch_size // self.num_workers * self.num_workers}")
-        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(0 < self.cpus_per_worker <= MAX_CPUS_PER_WORKER,
+               f"train.cpus_per_worker must be above 0 and at most {MAX_CPUS_PER_WORKER}")
+        _check_seed(self.seed, "train.seed")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.report_interval_s >= 0, "train.report_interval_s must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures must be >= 0")
@@ -180,6 +186,7 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples must be >= 1")
+        _check_seed(self.seed, "tune.seed")
         _check(self.metric in TRAINING_METRICS,
                f"tune.metric '{self.metric}' is never reported by training; "
                f"choose one of: {', '.join(TRAINING_METRICS)}")
@@ -202,6 +209,8 @@ class Config:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                "name must be a plain folder name (no '/')")
+        _check(len(self.name.encode()) <= MAX_NAME_BYTES,
+               f"name must be at most {MAX_NAME_BYTES} bytes: it names folders")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,6 +218,10 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
         return _build(cls, raw, prefix="")
+
+
+def _check_seed(seed: int, field: str) -> None:
+    _check(0 <= seed < 2**32, f"{field} must be between 0 and {2**32 - 1} (numpy's seed range)")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -249,17 +262,26 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
     if kind is float and not isinstance(value, bool):
         try:
             number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except OverflowError:  # an integer of hundreds of digits
+            raise UserError(f"{name} must be a finite number; got {_shown(value)}") from None
         except (TypeError, ValueError):
             pass
         else:
             if not math.isfinite(number):
-                raise UserError(f"{name} must be a finite number; got {value!r}")
+                raise UserError(f"{name} must be a finite number; got {_shown(value)}")
             return number
     if kind in (int, str, bool) and type(value) is kind:
         return value
     if origin is dict and isinstance(value, dict):
         return dict(value)  # free-form mappings (tune.space) are checked by their own parser
-    raise UserError(f"{name} must be of type {getattr(kind, '__name__', kind)}; got {value!r}")
+    raise UserError(f"{name} must be of type {getattr(kind, '__name__', kind)}; "
+                    f"got {_shown(value)}")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut short: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -286,7 +308,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise UserError(f"--set expects section.field=value, got '{assignment}'")
     try:
         value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: thousands of nested brackets
         value = text
     if value is not None and not isinstance(value, str) and _is_text_field(key.strip()):
         value = text  # --set name=2024-01-01 names a run; YAML would read a date

@@ -61,6 +61,14 @@ def test_config_round_trips_through_a_dict():
     ("optim.lr=.nan", "optim.lr must be a finite number"),
     ("train.num_workers=3", r"train.batch_size \(64\) must divide evenly among "
                             r"train.num_workers \(3\).*such as 63"),
+    ("optim.lr=1" + "0" * 400, r"optim.lr must be a finite number; got 1000.*\.\.\.$"),
+    ("optim.lr=" + "[" * 5000, r"optim.lr must be of type float; got '\[\[.*\.\.\.$"),
+    ("data.seed=-1", "data.seed must be between 0 and 4294967295"),
+    (f"train.seed={2**32}", "train.seed must be between 0 and 4294967295"),
+    ("tune.seed=-1", "tune.seed must be between 0 and 4294967295"),
+    (f"model.width={10**30}", "model.width must be between 1 and 65536"),
+    ("train.cpus_per_worker=1000000", "train.cpus_per_worker must be above 0 and at most 1024"),
+    ("name=" + "x" * 201, "name must be at most 200 bytes"),
 ])
 def test_bad_overrides_name_the_field(assignment, message):
     with pytest.raises(UserError, match=message):
