@@ -222,6 +222,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                             "most 178956970)")
     batch.add_argument("--max-instances", type=COUNT, default=64,
                        help="images per request (default 64)")
+    batch.add_argument("--body-timeout", type=POSITIVE, default=10.0,
+                       help="seconds a request's body may take to arrive; slower ones get 408 "
+                            "(default 10)")
     parser.add_argument("--access-log", action="store_true",
                         help="log every request in the replicas' Serve logs (off by default: "
                              "it costs CPU on every request)")
@@ -663,7 +666,8 @@ def _serve_settings(args):
         batch_wait_ms=args.batch_wait_ms, max_queued_requests=args.max_queued_requests,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, threads=args.threads,
         limits=Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                      max_pixels=args.max_pixels, max_instances=args.max_instances),
+                      max_pixels=args.max_pixels, max_instances=args.max_instances,
+                      body_timeout_s=args.body_timeout),
         access_log=args.access_log, host=args.host, port=args.port)
 
 

@@ -34,6 +34,7 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_pixels: int = 16_000_000  # per image: a decompression bomb is refused before decoding
     max_instances: int = 64
+    body_timeout_s: float = 10.0  # for the whole body to arrive: 8 MiB at 7 Mbit/s
 
 
 def check_body_size(size: int, limits: Limits) -> None:

@@ -125,12 +125,24 @@ def model_version(checkpoint: str | Path) -> str:
 # Module functions the deployment uses come before it: Serve pickles the class where it is
 # decorated, and a name defined further down would be missing in the replica.
 async def _read_body(request: Request, limits: Limits) -> bytes:
-    """The body, refused with 413 as soon as it passes the limit (chunked bodies included)."""
+    """The body, refused with 413 as soon as it passes the limit (chunked bodies included),
+    and with 408 where it has not all come within limits.body_timeout_s: each request holds
+    one of the replica's few request slots while it is read, and a few clients that send
+    slowly (or stop) would otherwise keep every other client waiting."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        inputs.check_body_size(size, limits)
-        chunks.append(chunk)
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            inputs.check_body_size(size, limits)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), limits.body_timeout_s)
+    except TimeoutError:
+        raise BadInput(f"the request body did not all arrive within {limits.body_timeout_s:g} "
+                       f"s ({size} bytes came)", status=408) from None
     request._body = b"".join(chunks)  # Starlette's cache: request.form() parses these bytes
     return request._body
 
@@ -338,8 +350,9 @@ class VisionService:
                                  lambda: _json_images(body, shape, limits))
         if kind == "multipart/form-data":
             return await _multipart_images(request, shape, limits)
-        raise BadInput(f"unsupported content type {kind or '(none)'}: send image/png, image/jpeg, "
-                       "multipart/form-data or application/json", status=415)
+        raise BadInput(f"unsupported content type {kind or '(none)'}: send an image ("
+                       f"{', '.join(inputs.IMAGE_TYPES)}), multipart/form-data or "
+                       "application/json", status=415)
 
 
 @serve.deployment(name="Health", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})

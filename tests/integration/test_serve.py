@@ -30,7 +30,8 @@ from tests.integration.cli import fresh_shell_env, popen_cli, run_cli
 
 PORT = 18231
 BASE = f"http://127.0.0.1:{PORT}"
-LIMITS = ("--max-pixels", "40000", "--max-instances", "8", "--max-body-mb", "1")
+LIMITS = ("--max-pixels", "40000", "--max-instances", "8", "--max-body-mb", "1",
+          "--body-timeout", "3")
 
 pytestmark = pytest.mark.slow
 
@@ -235,6 +236,45 @@ def test_bad_input_gets_its_4xx_and_the_replica_keeps_serving(served, validation
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]
     assert _post_png("/vision/predict", images[0]).status_code == 200
+
+
+def _stalled_upload(path: str) -> socket.socket:
+    """A request that declares a 1000-byte PNG body, sends 3 bytes of it and waits."""
+    sock = socket.create_connection(("127.0.0.1", PORT), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                 "Content-Length: 1000\r\n\r\nabc".encode())
+    return sock
+
+
+def _reply_text(sock: socket.socket) -> str:
+    """What the server sends back, up to the end of a JSON body or the connection's close."""
+    received = b""
+    while not received.rstrip().endswith(b"}"):
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received.decode(errors="replace")
+
+
+def test_uploads_that_stall_get_408_and_keep_no_one_waiting(served, validation):
+    """A request holds one of the replica's request slots (twice --max-batch-size) while its
+    body is read: as many stalled uploads as slots kept every other client waiting."""
+    images, _ = validation
+    stalled = [_stalled_upload("/vision/predict") for _ in range(2 * 16)]
+    try:
+        ok = requests.post(f"{BASE}/vision/predict", data=_png(images[0]), timeout=30,
+                           headers={"Content-Type": "image/png"})
+        assert ok.status_code == 200
+        replies = [_reply_text(sock) for sock in stalled]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert all(r.startswith("HTTP/1.1 408") for r in replies), replies[:2]
+    assert all("did not all arrive within 3 s (3 bytes came)" in r for r in replies), replies[:2]
 
 
 def test_api_key_guards_an_application(ray_address, served, checkpoints, validation):
