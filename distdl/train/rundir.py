@@ -41,22 +41,41 @@ def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
         raise UserError(f"cannot write to {run_dir}: {folder} is not writable")
 
 
+# What a resumed run must keep: its checkpoints hold this model trained on this data, and its
+# optimizer state and schedule position were made with these optimizer settings and this batch
+# (the schedule counts steps). train.epochs may grow; other settings may change.
+RESUME_KEEPS = ("model", "data", "optim", "train.batch_size")
+
+
 def epochs_recorded(cfg: Config, run_dir: Path) -> int:
     """The last epoch the run directory records (0 for a new run). A rerun resumes from the
-    run's checkpoints, which only fit the same model and data: other ones are a UserError."""
+    run's checkpoints: a run directory of another run, or settings a resume cannot keep, are a
+    UserError."""
     previous = read_metrics(run_dir)
     if not previous:
         return 0
-    changed = changed_sections(run_dir, cfg.to_dict(), ("model", "data"))
+    started_as = read_config(run_dir)
+    if started_as.get("name", cfg.name) != cfg.name:
+        raise UserError(f"{run_dir} holds run '{started_as['name']}', not '{cfg.name}'; choose "
+                        "another --output, or give --name "
+                        f"{started_as['name']} to continue that run")
+    changed = changed_sections(run_dir, cfg.to_dict(), RESUME_KEEPS)
     if changed:
-        raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other {' and '.join(changed)} "
-                        "settings, so it cannot be resumed with these; choose another --name")
+        raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other "
+                        f"{' and '.join(changed)} settings, so it cannot be resumed with these; "
+                        "choose another --name")
     return previous[-1]["epoch"]
 
 
 def finished(run_dir: Path, recorded: int, epochs: int) -> bool:
     """Whether a run directory recording `recorded` epochs has all `epochs` and its result."""
     return recorded >= epochs and (run_dir / RESULT_FILE).is_file()
+
+
+def clear_result(run_dir: Path) -> None:
+    """Remove result.json as a run starts training: until it ends it has none, and an earlier
+    result would name checkpoints that training may delete."""
+    (Path(run_dir) / RESULT_FILE).unlink(missing_ok=True)
 
 
 def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, Any]) -> None:
@@ -70,13 +89,32 @@ def config_text(config: dict[str, Any], provenance: dict[str, Any]) -> str:
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def changed_sections(run_dir: Path, config: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    """The `sections` of `config` that differ from those the run directory was started with."""
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run directory's config.yaml as a dict ({} where there is none)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}; fix or delete it, or "
+                        "choose another --output") from None
+    return config if isinstance(config, dict) else {}
+
+
+def changed_sections(run_dir: Path, config: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    """The `fields` (sections, or section.field) of `config` that differ from those the run
+    directory was started with."""
+    previous = read_config(run_dir)
+    if not previous:
         return []
-    previous = yaml.safe_load(path.read_text()) or {}
-    return [name for name in sections if previous.get(name) != config.get(name)]
+    return [name for name in fields if _get(previous, name) != _get(config, name)]
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def record_epoch(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -104,7 +142,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         return []
     # A line counts once its newline is written: a reader may see a line being appended.
     *complete, _partial = path.read_text().split("\n")
-    return [json.loads(line) for line in complete if line.strip()]
+    metrics = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"cannot read {path}: line {number} is not JSON; fix or delete it, "
+                            "or choose another --output") from None
+    return metrics
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:

@@ -154,6 +154,7 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     data = prepare_data(cfg)
     trainer = build_trainer(cfg, data, storage=storage, callbacks=[EpochRecorder(run_dir)])
     rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())  # once the checks pass
+    rundir.clear_result(run_dir)
     result = fit(trainer)
     history = rundir.read_metrics(run_dir)
     summary = summarize(result, history, storage, started, skipped=data.images.skipped)

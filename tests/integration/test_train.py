@@ -91,15 +91,20 @@ def test_ctrl_c_ends_training_in_one_line_and_the_same_command_continues(ray_add
     """Ray Train's own Ctrl-C handler aborts the run; the command then ends with 130 and
     says how to continue, and that command does, without training an epoch twice."""
     epochs = 30  # more than the run can train before the abort lands
-    command = ("train", "--recipe", "debug", "--set", f"train.epochs={epochs}", "--set",
-               "train.batch_size=16", "--name", "ctrlc", "--storage", str(tmp_path))
+    common = ("train", "--recipe", "debug", "--set", "train.batch_size=16", "--name", "ctrlc",
+              "--storage", str(tmp_path))
+    command = (*common, "--set", f"train.epochs={epochs}")
+    # A finished first epoch, which the interrupted run continues: its result must not outlive
+    # that continuation (it would name checkpoints since deleted).
+    first = run_cli(*common, "--set", "train.epochs=1", address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
     process = popen_cli(*command, address=ray_address,
                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     hung = threading.Timer(300, process.kill)  # reading its output would wait on a hang forever
     hung.start()
     try:
         for line in process.stdout:
-            if line.startswith(f"epoch   1/{epochs}"):
+            if line.startswith(f"epoch   2/{epochs}"):
                 break
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=120)[0]
@@ -112,6 +117,7 @@ def test_ctrl_c_ends_training_in_one_line_and_the_same_command_continues(ray_add
     assert "Traceback" not in output
     stopped_at = len(rundir.read_metrics(tmp_path / "ctrlc"))
     assert 1 <= stopped_at < epochs, output[-3000:]
+    assert not (tmp_path / "ctrlc" / rundir.RESULT_FILE).exists()
 
     done = run_cli(*command, address=ray_address)
     assert done.returncode == 0, done.stderr[-3000:]

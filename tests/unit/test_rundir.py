@@ -1,0 +1,54 @@
+"""What a rerun of `distdl train` may change in a run it continues, and a damaged run folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from distdl import recipes
+from distdl.config import resolve
+from distdl.errors import UserError
+from distdl.train import rundir
+
+
+def _config(*overrides: str):
+    return resolve(recipes.get("debug"), None, list(overrides))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory of run 'debug' that recorded two epochs."""
+    rundir.write_config(tmp_path, _config().to_dict(), {"distdl": "test"})
+    for epoch in (1, 2):
+        rundir.append_epoch(tmp_path, {"epoch": epoch})
+    return tmp_path
+
+
+def test_more_epochs_or_workers_continue_the_run(run_dir):
+    assert rundir.epochs_recorded(_config("train.epochs=4", "train.num_workers=1"), run_dir) == 2
+
+
+@pytest.mark.parametrize("override, changed", [
+    ("optim.lr=1e-4", "optim"),
+    ("optim.optimizer=sgd", "optim"),
+    ("train.batch_size=128", "train.batch_size"),
+    ("model.width=16", "model"),
+    ("data.seed=7", "data"),
+])
+def test_settings_a_resume_cannot_keep_are_refused(run_dir, override, changed):
+    with pytest.raises(UserError, match=f"was trained with other {changed} settings"):
+        rundir.epochs_recorded(_config(override), run_dir)
+
+
+def test_the_run_directory_of_another_run_is_refused(run_dir):
+    with pytest.raises(UserError, match="holds run 'debug', not 'other'.*--name debug"):
+        rundir.epochs_recorded(_config("name=other"), run_dir)
+
+
+def test_damaged_run_files_are_one_line(run_dir):
+    (run_dir / rundir.METRICS_FILE).write_text('{"epoch": 1}\n{"epoch": 2\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not JSON"):
+        rundir.read_metrics(run_dir)
+    (run_dir / rundir.METRICS_FILE).write_text('{"epoch": 1}\n')
+    (run_dir / rundir.CONFIG_FILE).write_text("optim: [1, 2\n")
+    with pytest.raises(UserError, match="cannot read .*config.yaml"):
+        rundir.epochs_recorded(_config(), run_dir)
