@@ -26,11 +26,20 @@ class WorkerShards(ray.train.DataConfig):
         super().__init__()
         self.by_blocks = by_blocks
 
+    def splits_by_blocks(self, ds, world_size: int) -> bool:
+        return (self.by_blocks and isinstance(ds, MaterializedDataset)
+                and ds.num_blocks() % world_size == 0)
+
+    def smallest_shard(self, ds, world_size: int) -> int:
+        """Rows of the smallest worker's training shard: split by blocks, shards may differ."""
+        if self.splits_by_blocks(ds, world_size):
+            return min(part.count() for part in ds.split(world_size))
+        return ds.count() // world_size
+
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():  # Ray Train V2 passes one dataset per call
-            if (self.by_blocks and isinstance(ds, MaterializedDataset)
-                    and ds.num_blocks() % world_size == 0):
+            if self.splits_by_blocks(ds, world_size):
                 splits = [part.iterator() for part in ds.split(world_size)]
             elif name == "val":
                 val = ds.copy(ds)

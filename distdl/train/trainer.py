@@ -58,14 +58,20 @@ def prepare_data(cfg: Config) -> PreparedData:
 
 def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
     """Decide, once, how workers hold their shard and how many steps an epoch has."""
+    channels, height, width = data.images.image_shape
     rows_per_worker = data.train_rows // cfg.train.num_workers
-    steps = rows_per_worker // cfg.train.batch_size_per_worker()
+    shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
+    in_memory = shard_mb <= cfg.data.cache_max_mb
+    # Shards split by whole blocks may hold fewer rows than an equal share.
+    smallest = WorkerShards(by_blocks=in_memory).smallest_shard(data.images.train,
+                                                                cfg.train.num_workers)
+    steps = smallest // cfg.train.batch_size_per_worker()
     if steps == 0:
         raise UserError(
             f"train.batch_size {cfg.train.batch_size} is larger than the {data.train_rows} "
-            f"training examples allow for {cfg.train.num_workers} workers; lower train.batch_size"
+            f"training examples allow for {cfg.train.num_workers} workers (the smallest "
+            f"worker's share is {smallest}); lower train.batch_size"
         )
-    channels, height, width = data.images.image_shape
     num_classes = len(data.images.classes)
     # Counted on the meta device, which allocates nothing: a model too large for the workers
     # is refused before the driver builds one.
@@ -76,7 +82,6 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
     # batch is its share of the global one (2 images stand for any larger batch).
     build_checked(cfg.model, num_classes=num_classes, shape=data.images.image_shape,
                   batch=min(2, cfg.train.batch_size_per_worker()))
-    shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
     meta = checkpoint.make_meta(
         model=cfg.model,
         classes=data.images.classes,
@@ -85,8 +90,7 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
         data=cfg.data,
     )
     meta["parameters"] = parameters
-    return WorkerSpec(config=cfg, meta=meta, in_memory=shard_mb <= cfg.data.cache_max_mb,
-                      steps_per_epoch=steps)
+    return WorkerSpec(config=cfg, meta=meta, in_memory=in_memory, steps_per_epoch=steps)
 
 
 def count_parameters(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:

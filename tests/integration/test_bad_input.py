@@ -31,6 +31,8 @@ CASES = [
     (["--set", "train.use_gpu=true"], "can never be placed"),
     (["--set", "data.source=parquet:{parquet}"], "has no column 'label' (data.label_column)"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    # 2 x 719 rows, but digits' blocks split as 720 + 718: one worker would hold no full batch.
+    (["--set", "train.batch_size=1438"], "the smallest worker's share is 718"),
     (["--set", "model.name=torchvision:alexnet"],
      "model torchvision:alexnet cannot train on 2 images of 1x8x8 (C x H x W)"),
 ]
