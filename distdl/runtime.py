@@ -144,6 +144,12 @@ def local_cpus(reserved: float) -> int:
     return max(os.cpu_count() or 1, int(reserved + 0.999)) + 1
 
 
+def torch_threads(cpus_per_worker: float) -> int:
+    """A worker's torch threads: its whole CPUs, at least one, and no more than its node has
+    (a local Ray may grant more CPUs than there are cores; threads past them only contend)."""
+    return max(1, min(int(cpus_per_worker), os.cpu_count() or 1))
+
+
 def check_placeable(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
     """Fail fast when the cluster can never host the worker group (instead of waiting forever)."""
     import ray

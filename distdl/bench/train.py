@@ -74,8 +74,8 @@ def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
 
 def worker_threads(train: TrainConfig) -> int:
     """The torch threads of all the workers together (worker.py gives each
-    max(1, int(cpus_per_worker))): the bare loop gets as many."""
-    return train.num_workers * max(1, int(train.cpus_per_worker))
+    runtime.torch_threads): the bare loop gets as many."""
+    return train.num_workers * runtime.torch_threads(train.cpus_per_worker)
 
 
 def _training_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:

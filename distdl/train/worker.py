@@ -57,7 +57,7 @@ class _Setup:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     spec: WorkerSpec = loop_config["spec"]
     cfg = spec.config
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.set_num_threads(runtime.torch_threads(cfg.train.cpus_per_worker))
     device = ray.train.torch.get_device()
     channels_last = cfg.train.channels_last
     # Asking for both shards before reading either lets Ray start their split coordinators at once.
