@@ -354,13 +354,16 @@ def cmd_train(args) -> int:
     from distdl.train import trainer  # torch and Ray Train: a finished run needs neither
 
     storage = _check_before_ray(cfg, args.storage)
+    stored = None if recorded else trainer.stored_meta(storage, cfg.name)
+    if stored is not None:
+        _check_stored_run(cfg, stored, storage)
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
     if recorded:
         print(f"continuing run '{cfg.name}' from its latest checkpoint ({recorded} of "
               f"{cfg.train.epochs} epochs recorded)")
-    elif trainer.has_checkpoints(storage, cfg.name):
+    elif stored is not None:
         print(f"continuing run '{cfg.name}' from its latest checkpoint in {storage}/{cfg.name}, "
               f"although {run_dir} records none of its epochs; --name starts a new run")
     try:
@@ -375,6 +378,17 @@ def cmd_train(args) -> int:
         return 130
     _print_result(result, run_dir)
     return 0
+
+
+def _check_stored_run(cfg, meta: dict, storage: str) -> None:
+    """A run resumed from checkpoints that its run directory does not record must have been
+    trained on the same model and data: Ray Train restores them whatever the config says."""
+    settings = cfg.to_dict()
+    changed = [s for s in ("model", "data") if s in meta and meta[s] != settings[s]]
+    if changed:
+        raise UserError(f"run '{cfg.name}' in {storage} was trained with other "
+                        f"{' and '.join(changed)} settings, so it cannot be resumed with these; "
+                        "choose another --name")
 
 
 def _check_before_ray(cfg, storage: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -204,18 +205,24 @@ def summarize(result: ray.train.Result, history: list[dict[str, Any]], storage: 
     }
 
 
-def has_checkpoints(storage: str, name: str) -> bool:
-    """Whether `storage` (normalized) holds checkpoints of run `name`, which Ray Train resumes."""
+def stored_meta(storage: str, name: str) -> dict[str, Any] | None:
+    """The metadata of run `name`'s newest checkpoint in `storage` (normalized), which Ray
+    Train resumes from; None where the run has no checkpoint there."""
     if "://" in storage:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage)
     else:
         fs, root = pyarrow.fs.LocalFileSystem(), storage
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
-    except OSError:  # unreadable storage: training reports that itself, in its own words
-        return False
-    return any(info.type == pyarrow.fs.FileType.Directory
-               and info.base_name.startswith("checkpoint_") for info in found)
+        # Ray Train names checkpoints by their time: checkpoint_2026-11-29_10-30-13.674992.
+        newest = max((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
+                      and info.base_name.startswith("checkpoint_")), default=None)
+        if newest is None:
+            return None
+        with fs.open_input_stream(f"{newest}/{checkpoint.META_FILE}") as meta:
+            return json.loads(meta.read())
+    except (OSError, ValueError):  # unreadable: training reports that itself, in its own words
+        return {}
 
 
 def normalize_storage(storage: str) -> str:

@@ -110,6 +110,14 @@ def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
     assert other.stderr.strip().splitlines() == [
         f"error: run 'debug' in {tmp_path / 'debug'} was trained with other model settings, "
         "so it cannot be resumed with these; choose another --name"]
+    # A new --output records none of the run's epochs: its checkpoints in the storage decide,
+    # before Ray starts (nothing answers at this address).
+    elsewhere = run_cli(*common, "--output", str(tmp_path / "elsewhere"), "--set",
+                        "data.seed=7", address="127.0.0.1:1")
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.strip().splitlines() == [
+        f"error: run 'debug' in {tmp_path} was trained with other data settings, so it cannot "
+        "be resumed with these; choose another --name"]
 
 
 def test_a_benchmark_report_file_in_a_missing_folder_is_refused_before_measuring(tmp_path):
