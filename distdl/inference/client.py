@@ -21,7 +21,8 @@ def query(url: str, files: list[str], *, api_key: str | None = None,
     paths = [Path(f) for f in files]
     for path in paths:
         if not path.is_file():
-            raise UserError(f"no such file: {path}")
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise UserError(f"{path} {problem}: give image files or one .json file")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         if len(paths) == 1 and paths[0].suffix.lower() == ".json":

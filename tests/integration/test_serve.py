@@ -301,7 +301,8 @@ def test_query_prints_predictions(served, validation, tmp_path):
     for i, path in enumerate(paths):
         name = _post_png("/vision/predict", images[i]).json()["predictions"][0]["class_name"]
         assert f"{path}: {name}  (" in done.stdout
-    for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "no such file"),
+    for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "does not exist"),
+                        ((f"{BASE}/vision", str(tmp_path)), f"{tmp_path} is not a file"),
                         ((f"{BASE}/healthz", str(paths[0])), "answered without distdl's"),
                         ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "above 0")):
         bad = run_cli("query", *args)
