@@ -21,10 +21,10 @@ from distdl.errors import UserError
 
 
 IMAGE_SIDES = (4, 1024)
+"""The sides in pixels that images are trained at, from data.image_size or a file source."""
 MAX_WIDTH = 65_536  # model.width: far past any model a node can hold, short of torch's overflows
 MAX_CPUS_PER_WORKER = 1024
 MAX_NAME_BYTES = 200  # a folder name, with room for the suffixes Ray Train adds (255 at most)
-"""The sides in pixels that images are trained at, from data.image_size or a file source."""
 
 
 @dataclass(kw_only=True)
