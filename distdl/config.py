@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,7 +262,7 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         return value
     if kind is float and not isinstance(value, bool):
         try:
-            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)  # "1e-3" written in a YAML string, say
         except OverflowError:  # an integer of hundreds of digits
             raise UserError(f"{name} must be a finite number; got {_shown(value)}") from None
         except (TypeError, ValueError):
@@ -284,12 +285,47 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers. PyYAML follows YAML 1.1, which reads 010 as 8 (octal),
+    1:30 as 90 (base 60) and 1e-3 as text: here they are 10, the text '1:30', and 0.001.
+    Python's digit groups stay: 50_000 is an int, as YAML 1.1 and Python read it."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# The int resolver comes first: a string of digits is an int, though it matches both.
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text)  # decimal, leading zeros and digit groups too
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text as distdl reads every config: YAML with YAML 1.2's numbers."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError:
@@ -307,7 +343,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key:
         raise UserError(f"--set expects section.field=value, got '{assignment}'")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = parse_yaml(text) if text else ""
     except (yaml.YAMLError, RecursionError):  # RecursionError: thousands of nested brackets
         value = text
     if value is not None and not isinstance(value, str) and _is_text_field(key.strip()):

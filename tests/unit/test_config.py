@@ -32,6 +32,18 @@ def test_text_fields_keep_the_text_that_yaml_would_read_as_a_date_or_number():
     assert spaced.tune.space == {"optim.lr": {"choice": [0.1]}}  # a mapping stays one
 
 
+def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML alone reads YAML 1.1: 010 as 8 (octal), 1:30 as 90 (base 60), 1e-3 as text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 010\ndata:\n  num_samples: 50_000\n")
+    cfg = resolve(recipes.get("debug"), path, ["optim.lr=1e-3", "train.batch_size=0x40"])
+    assert (cfg.train.epochs, cfg.data.num_samples, cfg.train.batch_size) == (10, 50_000, 64)
+    assert cfg.optim.lr == 0.001
+    assert resolve(recipes.get("debug"), None, ["train.epochs=007"]).train.epochs == 7
+    with pytest.raises(UserError, match="train.epochs must be of type int; got '1:30'"):
+        resolve(recipes.get("debug"), None, ["train.epochs=1:30"])
+
+
 def test_a_config_file_replaces_the_recipe_search_space(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("tune:\n  num_samples: 3\n  space:\n    optim.lr: {choice: [0.1, 0.01]}\n")
