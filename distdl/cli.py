@@ -384,8 +384,10 @@ def cmd_train(args) -> int:
 def _check_stored_run(cfg, meta: dict, storage: str) -> None:
     """A run resumed from checkpoints that its run directory does not record must have been
     trained on the same model and data: Ray Train restores them whatever the config says."""
-    settings = cfg.to_dict()
-    changed = [s for s in ("model", "data") if s in meta and meta[s] != settings[s]]
+    from distdl.train import rundir
+
+    changed = rundir.resume_changes(meta, cfg.to_dict(), tuple(s for s in ("model", "data")
+                                                                if s in meta))
     if changed:
         raise UserError(f"run '{cfg.name}' in {storage} was trained with other "
                         f"{' and '.join(changed)} settings, so it cannot be resumed with these; "

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distdl.config import Config
+from distdl.config import MAX_NAME_BYTES, Config
 from distdl.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -23,10 +25,19 @@ EARLIER_EPOCHS = "earlier_epochs"
 
 
 def default_run_dir(storage: str, name: str) -> Path:
-    """STORAGE/NAME for local storage (checkpoints and run files side by side), else ./runs/NAME."""
+    """STORAGE/NAME for local storage (checkpoints and run files side by side); for a URI,
+    ./runs/URI/NAME, the URI made one folder name (s3://bucket/runs: s3-bucket-runs), so that
+    runs of one name in two storages keep their files apart."""
     if "://" in storage:
-        return Path("runs") / name
+        return Path("runs") / _folder_name(storage) / name
     return Path(storage).expanduser().resolve() / name
+
+
+def _folder_name(uri: str) -> str:
+    """`uri` without its query (endpoints, credentials), as one readable folder name."""
+    scheme, _, rest = uri.partition("?")[0].partition("://")
+    text = re.sub(r"[^A-Za-z0-9._]+", "-", f"{scheme}-{rest}").strip("-.")
+    return text.encode()[:MAX_NAME_BYTES].decode(errors="ignore") or scheme
 
 
 def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
@@ -43,8 +54,10 @@ def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
 
 # What a resumed run must keep: its checkpoints hold this model trained on this data, and its
 # optimizer state and schedule position were made with these optimizer settings and this batch
-# (the schedule counts steps). train.epochs may grow; other settings may change.
+# (the schedule counts steps). train.epochs may grow; other settings may change, and so may
+# these two, which change no weights: dropout, and whether shards are held in memory.
 RESUME_KEEPS = ("model", "data", "optim", "train.batch_size")
+RESUME_MAY_CHANGE = ("model.dropout", "data.cache_max_mb")
 
 
 def epochs_recorded(cfg: Config, run_dir: Path) -> int:
@@ -59,7 +72,7 @@ def epochs_recorded(cfg: Config, run_dir: Path) -> int:
         raise UserError(f"{run_dir} holds run '{started_as['name']}', not '{cfg.name}'; choose "
                         "another --output, or give --name "
                         f"{started_as['name']} to continue that run")
-    changed = changed_sections(run_dir, cfg.to_dict(), RESUME_KEEPS)
+    changed = resume_changes(started_as, cfg.to_dict(), RESUME_KEEPS) if started_as else []
     if changed:
         raise UserError(f"run '{cfg.name}' in {run_dir} was trained with other "
                         f"{' and '.join(changed)} settings, so it cannot be resumed with these; "
@@ -102,13 +115,22 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def changed_sections(run_dir: Path, config: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
-    """The `fields` (sections, or section.field) of `config` that differ from those the run
-    directory was started with."""
-    previous = read_config(run_dir)
-    if not previous:
-        return []
+def resume_changes(previous: dict[str, Any], config: dict[str, Any],
+                   fields: tuple[str, ...]) -> list[str]:
+    """The `fields` (sections, or section.field) that differ between the settings a run was
+    started with and `config`, leaving out those in RESUME_MAY_CHANGE."""
+    previous, config = _without(previous, RESUME_MAY_CHANGE), _without(config, RESUME_MAY_CHANGE)
     return [name for name in fields if _get(previous, name) != _get(config, name)]
+
+
+def _without(config: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    for dotted in fields:
+        section, _, name = dotted.rpartition(".")
+        node = _get(out, section) if section else out
+        if isinstance(node, dict):
+            node.pop(name, None)
+    return out
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:

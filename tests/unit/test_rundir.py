@@ -27,6 +27,12 @@ def test_more_epochs_or_workers_continue_the_run(run_dir):
     assert rundir.epochs_recorded(_config("train.epochs=4", "train.num_workers=1"), run_dir) == 2
 
 
+def test_dropout_and_the_memory_budget_may_change_on_a_resume(run_dir):
+    """Neither changes what a checkpoint holds."""
+    changed = _config("model.dropout=0.3", "data.cache_max_mb=0", "train.epochs=4")
+    assert rundir.epochs_recorded(changed, run_dir) == 2
+
+
 @pytest.mark.parametrize("override, changed", [
     ("optim.lr=1e-4", "optim"),
     ("optim.optimizer=sgd", "optim"),
@@ -42,6 +48,15 @@ def test_settings_a_resume_cannot_keep_are_refused(run_dir, override, changed):
 def test_the_run_directory_of_another_run_is_refused(run_dir):
     with pytest.raises(UserError, match="holds run 'debug', not 'other'.*--name debug"):
         rundir.epochs_recorded(_config("name=other"), run_dir)
+
+
+def test_runs_in_two_uri_storages_get_two_run_directories():
+    first = rundir.default_run_dir("s3://bucket/runs", "digits")
+    assert first.parts == ("runs", "s3-bucket-runs", "digits")
+    assert rundir.default_run_dir("gs://bucket/runs", "digits") != first
+    # The query may hold credentials: it is left out.
+    with_query = rundir.default_run_dir("s3://bucket/runs?access_key=SECRET", "digits")
+    assert with_query == first
 
 
 def test_damaged_run_files_are_one_line(run_dir):
