@@ -133,7 +133,8 @@ def serve_config(mounts: list[tuple[str, str]], options: ServeOptions,
     if taken:
         raise UserError(f"two checkpoints would mount at /{taken.pop()}: name them, as NAME=PATH")
     apps = [application(name, path, options, api_key) for name, path in mounts]
-    apps.append({"name": HEALTH_APP, "route_prefix": f"/{HEALTH_APP}",
+    # At /, the health application also answers the paths no model serves (a JSON 404).
+    apps.append({"name": HEALTH_APP, "route_prefix": "/",
                  "import_path": "distdl.inference.serve_app:build_health", "args": {}})
     config = {"proxy_location": "HeadOnly",
               "http_options": {"host": options.host, "port": options.port},

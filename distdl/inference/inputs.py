@@ -16,7 +16,6 @@ from PIL import Image
 
 from distdl.data.transforms import decode_image, resize_uint8
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif", "image/tiff")
 
 
 class BadInput(ValueError):
@@ -45,6 +44,13 @@ def check_body_size(size: int, limits: Limits) -> None:
 
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";")[0].strip().lower()
+
+
+def is_image_body(kind: str) -> bool:
+    """Whether a body of media type `kind` is one encoded image. Pillow reads the format from
+    the bytes, so any image/* type goes to it (image/x-portable-graymap too, which
+    mimetypes gives .pgm files), as does application/octet-stream; one it cannot read gets 400."""
+    return kind.startswith("image/") or kind == "application/octet-stream"
 
 
 def decode(data: bytes, *, input_shape: tuple[int, int, int], limits: Limits,

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from distdl.inference import (AUTO_WAIT_MS, BATCH_WAIT_MS, MAX_BATCH_SIZE, TOP_K,
                               auto_batch_wait_ms, inputs, parse_batch_wait)
-from distdl.inference.deploy import API_KEY_ENV
+from distdl.inference.deploy import API_KEY_ENV, HEALTH_APP
 from distdl.inference.inputs import BadInput, Limits
 
 log = logging.getLogger("ray.serve")
@@ -341,7 +341,7 @@ class VisionService:
             inputs.check_body_size(int(declared), limits)
         body = await _read_body(request, limits)
         kind = inputs.media_type(request.headers.get("content-type"))
-        if kind in inputs.IMAGE_TYPES:
+        if inputs.is_image_body(kind):
             image = await _decode(inputs.pixels(body) <= INLINE_PIXELS, lambda: inputs.decode(
                 body, input_shape=shape, limits=limits))
             return image[None]
@@ -350,16 +350,27 @@ class VisionService:
                                  lambda: _json_images(body, shape, limits))
         if kind == "multipart/form-data":
             return await _multipart_images(request, shape, limits)
-        raise BadInput(f"unsupported content type {kind or '(none)'}: send an image ("
-                       f"{', '.join(inputs.IMAGE_TYPES)}), multipart/form-data or "
-                       "application/json", status=415)
+        raise BadInput(f"unsupported content type {kind or '(none)'}: send an image (image/png, "
+                       "image/jpeg or any image/* type that Pillow reads, or "
+                       "application/octet-stream), multipart/form-data or application/json",
+                       status=415)
 
 
 @serve.deployment(name="Health", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
 class Health:
-    """GET /healthz: 200 when every application is running, else 503 with their states."""
+    """GET /healthz: 200 when every application is running, else 503 with their states.
+
+    Mounted at /, it also answers every path that no application serves, with a JSON 404
+    (Serve's own would be text).
+    """
 
     async def __call__(self, request: Request) -> JSONResponse:
+        if request.url.path.rstrip("/") != f"/{HEALTH_APP}":
+            return JSONResponse({"error": f"no such endpoint: {request.url.path}"},
+                                status_code=404)
+        if request.method not in ("GET", "HEAD"):
+            return JSONResponse({"error": f"/{HEALTH_APP} answers GET, not {request.method}"},
+                                status_code=405, headers={"Allow": "GET, HEAD"})
         states = {name: app.status.value for name, app in serve.status().applications.items()}
         ok = all(state == "RUNNING" for state in states.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "applications": states},

@@ -148,10 +148,14 @@ def test_every_way_to_send_images_and_the_metadata(served, validation):
                             json={"instances": [images[i].squeeze(-1).tolist() for i in range(3)]})
     big = np.kron(images[0].squeeze(-1), np.ones((4, 4), np.uint8))[..., None]  # 32x32: resized
     resized = _post_png("/vision/predict", big)
-    for reply in (multipart, as_json, resized):
+    octets = requests.post(f"{BASE}/vision/predict", data=_png(images[0]), timeout=60,
+                           headers={"Content-Type": "application/octet-stream"})
+    for reply in (multipart, as_json, resized, octets):
         assert reply.status_code == 200, reply.text
     assert [p["class_index"] for p in multipart.json()["predictions"]] == \
         [p["class_index"] for p in as_json.json()["predictions"]]
+    assert octets.json()["predictions"][0]["class_index"] == \
+        multipart.json()["predictions"][0]["class_index"]
     assert len(multipart.json()["predictions"][0]["top_k"]) == 5
     info = requests.get(f"{BASE}/vision/model", timeout=10).json()
     assert info["classes"] == [str(d) for d in range(10)] and info["input_shape"] == [1, 8, 8]
@@ -162,6 +166,10 @@ def test_every_way_to_send_images_and_the_metadata(served, validation):
     assert second["model_version"] != info["model_version"]
     health = requests.get(f"{BASE}/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["applications"]["vision"] == "RUNNING"
+    unknown = requests.get(f"{BASE}/nosuch/predict", timeout=10)
+    assert unknown.status_code == 404 and "/nosuch/predict" in unknown.json()["error"]
+    posted = requests.post(f"{BASE}/healthz", timeout=10)
+    assert posted.status_code == 405 and posted.headers["Allow"] == "GET, HEAD", posted.text
     assert "/predict" in requests.get(f"{BASE}/vision/openapi.json", timeout=10).json()["paths"]
 
 
@@ -301,9 +309,15 @@ def test_query_prints_predictions(served, validation, tmp_path):
     for i, path in enumerate(paths):
         name = _post_png("/vision/predict", images[i]).json()["predictions"][0]["class_name"]
         assert f"{path}: {name}  (" in done.stdout
+    pgm = tmp_path / "digit0.pgm"  # sent as image/x-portable-graymap, which Pillow reads
+    Image.fromarray(images[0].squeeze(-1)).save(pgm)
+    done = run_cli("query", f"{BASE}/vision", str(pgm))
+    assert done.returncode == 0, done.stderr
+    name = _post_png("/vision/predict", images[0]).json()["predictions"][0]["class_name"]
+    assert f"{pgm}: {name}  (" in done.stdout
     for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "does not exist"),
                         ((f"{BASE}/vision", str(tmp_path)), f"{tmp_path} is not a file"),
-                        ((f"{BASE}/healthz", str(paths[0])), "answered without distdl's"),
+                        ((f"{BASE}/healthz", str(paths[0])), "answered 404: no such endpoint"),
                         ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "above 0")):
         bad = run_cli("query", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
