@@ -297,8 +297,9 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 # The int resolver comes first: a string of digits is an int, though it matches both.
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"))
 _Loader.add_implicit_resolver(
     _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
@@ -317,7 +318,7 @@ _Loader.add_constructor(_INT, _construct_int)
 
 def parse_yaml(text: str) -> Any:
     """Parse YAML text as distdl reads every config: YAML with YAML 1.2's numbers."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: it builds no Python objects
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from PIL import Image
 from distdl.data.transforms import decode_image, resize_uint8
 
 
-
 class BadInput(ValueError):
     """A client mistake: answered with `status` and `{"error": message}`."""
 
