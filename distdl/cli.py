@@ -219,8 +219,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                        help="larger request bodies get 413 (default 8)")
     # At most Pillow's own decompression-bomb limit, past which it refuses any image.
     batch.add_argument("--max-pixels", type=_bounded(int, 1, 178_956_970), default=16_000_000,
-                       help="larger images get 413 before decoding (default 16000000, at "
-                            "most 178956970)")
+                       help="a request whose encoded images hold more pixels, one image or "
+                            "all together, gets 413 before decoding (default 16000000, at most "
+                            "178956970)")
     batch.add_argument("--max-instances", type=COUNT, default=64,
                        help="images per request (default 64)")
     batch.add_argument("--body-timeout", type=POSITIVE, default=10.0,

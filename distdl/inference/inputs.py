@@ -30,7 +30,7 @@ class Limits:
     """What one request may carry. The defaults suit images up to a few megapixels."""
 
     max_body_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 16_000_000  # per image: a decompression bomb is refused before decoding
+    max_pixels: int = 16_000_000  # per request: a decompression bomb is refused before decoding
     max_instances: int = 64
     body_timeout_s: float = 10.0  # for the whole body to arrive: 8 MiB at 7 Mbit/s
 
@@ -74,6 +74,15 @@ def pixels(data: bytes) -> int:
             return image.width * image.height
     except Exception:  # Pillow raises many types on bad data; decode() names the problem
         return 0
+
+
+def check_total_pixels(total: int, limits: Limits) -> None:
+    """The images of one request together may hold max_pixels, as one image may: decoding
+    costs CPU and memory by the pixel, and 64 images each just under the limit would take a
+    replica gigabytes and seconds."""
+    if total > limits.max_pixels:
+        raise BadInput(f"the request's images hold {total} pixels in all, more than the limit of "
+                       f"{limits.max_pixels}: send them in several requests", status=413)
 
 
 def count_instances(n: int, limits: Limits) -> None:

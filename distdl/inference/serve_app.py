@@ -200,12 +200,14 @@ async def _multipart_images(request: Request, shape: tuple[int, int, int],
     files = [value for _, value in form.multi_items() if hasattr(value, "read")]
     inputs.count_instances(len(files), limits)
     named = [(await f.read(), f"file {f.filename!r}") for f in files]
+    total = sum(inputs.pixels(data) for data, _ in named)
+    inputs.check_total_pixels(total, limits)
 
     def decode() -> np.ndarray:
         return np.stack([inputs.decode(data, input_shape=shape, limits=limits, what=what)
                          for data, what in named])
 
-    return await _decode(sum(inputs.pixels(data) for data, _ in named) <= INLINE_PIXELS, decode)
+    return await _decode(total <= INLINE_PIXELS, decode)
 
 
 @serve.deployment(name="VisionService", max_ongoing_requests=64, health_check_period_s=5)

@@ -30,7 +30,7 @@ from tests.integration.cli import fresh_shell_env, popen_cli, run_cli
 
 PORT = 18231
 BASE = f"http://127.0.0.1:{PORT}"
-LIMITS = ("--max-pixels", "40000", "--max-instances", "8", "--max-body-mb", "1",
+LIMITS = ("--max-pixels", "150000", "--max-instances", "8", "--max-body-mb", "1",
           "--body-timeout", "3")
 
 pytestmark = pytest.mark.slow
@@ -175,7 +175,8 @@ def test_every_way_to_send_images_and_the_metadata(served, validation):
 
 def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
     png = _png(image)
-    huge = _png(np.zeros((300, 300, 1), np.uint8))  # 90,000 pixels > --max-pixels 40000
+    huge = _png(np.zeros((400, 400, 1), np.uint8))  # 160,000 pixels > --max-pixels 150000
+    large = _png(np.zeros((300, 300, 1), np.uint8))  # 90,000 pixels: two hold more than 150000
     instance = image.squeeze(-1).tolist()
     as_json = {"headers": {"Content-Type": "application/json"}}
     return {
@@ -185,6 +186,8 @@ def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
         "not an image": ({"data": b"hello", "headers": {"Content-Type": "image/jpeg"}}, 400),
         "content type": ({"data": png, "headers": {"Content-Type": "text/plain"}}, 415),
         "pixel bomb": ({"data": huge, "headers": {"Content-Type": "image/png"}}, 413),
+        "pixels in all": ({"files": [("files", (f"{i}.png", large, "image/png"))
+                                     for i in range(2)]}, 413),
         "body too big": ({"data": b"\0" * (1024 * 1024 + 1),
                           "headers": {"Content-Type": "image/png"}}, 413),
         "bad json": ({"data": b'{"instances": [', **as_json}, 400),
@@ -215,7 +218,7 @@ def test_large_inputs_decoded_off_the_event_loop_get_the_same_answers(served, va
     images, _ = validation
     large = [np.kron(images[i].squeeze(-1), np.ones((25, 25), np.uint8))[..., None]
              for i in range(3)]
-    assert len(large) * 200 * 200 > serve_app.INLINE_PIXELS
+    assert serve_app.INLINE_PIXELS < len(large) * 200 * 200 <= int(LIMITS[1])
     files = [("files", (f"{i}.png", _png(image), "image/png")) for i, image in enumerate(large)]
     multipart = requests.post(f"{BASE}/vision/predict", files=files, timeout=60)
     body = json.dumps({"instances": [image.squeeze(-1).tolist() for image in large]})

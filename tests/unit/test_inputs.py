@@ -107,6 +107,20 @@ def test_body_size_limit_is_413():
     assert _status(lambda: inputs.check_body_size(101, Limits(max_body_bytes=100)))[0] == 413
 
 
+def test_the_images_of_one_request_share_the_pixel_limit():
+    limits = Limits(max_pixels=1000)
+    inputs.check_total_pixels(1000, limits)
+    with pytest.raises(BadInput, match="1001 pixels in all") as error:
+        inputs.check_total_pixels(1001, limits)
+    assert error.value.status == 413
+
+
+def test_any_image_type_and_octet_streams_are_image_bodies():
+    assert all(map(inputs.is_image_body, ["image/png", "image/x-portable-graymap",
+                                          "application/octet-stream"]))
+    assert not any(map(inputs.is_image_body, ["text/plain", "application/json", ""]))
+
+
 def test_media_type_ignores_parameters_and_case():
     assert inputs.media_type("Multipart/Form-Data; boundary=x") == "multipart/form-data"
     assert inputs.media_type(None) == ""
