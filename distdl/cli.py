@@ -217,7 +217,7 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
                        help="beyond this many waiting requests, answer 503 (default 256)")
     batch.add_argument("--max-body-mb", type=_bounded(float, 0.001), default=8.0,
                        help="larger request bodies get 413 (default 8)")
-    # At most Pillow's own decompression-bomb limit, past which it refuses any image.
+    # At most Pillow's own decompression-bomb limit, past which it refuses any one image.
     batch.add_argument("--max-pixels", type=_bounded(int, 1, 178_956_970), default=16_000_000,
                        help="a request whose encoded images hold more pixels, one image or "
                             "all together, gets 413 before decoding (default 16000000, at most "
@@ -387,8 +387,8 @@ def _check_stored_run(cfg, meta: dict, storage: str) -> None:
     trained on the same model and data: Ray Train restores them whatever the config says."""
     from distdl.train import rundir
 
-    changed = rundir.resume_changes(meta, cfg.to_dict(), tuple(s for s in ("model", "data")
-                                                                if s in meta))
+    stored = tuple(section for section in ("model", "data") if section in meta)
+    changed = rundir.resume_changes(meta, cfg.to_dict(), stored)
     if changed:
         raise UserError(f"run '{cfg.name}' in {storage} was trained with other "
                         f"{' and '.join(changed)} settings, so it cannot be resumed with these; "

@@ -288,7 +288,7 @@ def _shown(value: Any, limit: int = 60) -> str:
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's numbers. PyYAML follows YAML 1.1, which reads 010 as 8 (octal),
     1:30 as 90 (base 60) and 1e-3 as text: here they are 10, the text '1:30', and 0.001.
-    Python's digit groups stay: 50_000 is an int, as YAML 1.1 and Python read it."""
+    Python's digit groups stay in decimal integers: 50_000 is an int, as YAML 1.1 reads it."""
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -319,6 +319,17 @@ _Loader.add_constructor(_INT, _construct_int)
 def parse_yaml(text: str) -> Any:
     """Parse YAML text as distdl reads every config: YAML with YAML 1.2's numbers."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: it builds no Python objects
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what parse_yaml reads back the same: it quotes the text that _Loader would read
+    as a number (a run named 1e-3), and only that."""
+
+    yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -174,9 +174,19 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 180.0) -> None:
     _check_port(client, http)
     ours = {app["name"] for app in config["applications"]}
     kept = [app for app in _deployed_apps(client) if app["name"] not in ours]
-    merged = {**config, "applications": kept + config["applications"]}
+    merged = {**config, "applications": kept + _health_beside(kept, config["applications"])}
     client.deploy_apps(validate(merged))
     wait_running(sorted(ours), timeout_s=timeout_s)
+
+
+def _health_beside(kept: list[dict[str, Any]], apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`apps`, with the health application at /healthz where another application on the
+    cluster already has / (Serve's default prefix); otherwise it keeps / and with it every
+    path that no application serves."""
+    if not any(app.get("route_prefix", "/") == "/" for app in kept):
+        return apps
+    return [{**app, "route_prefix": f"/{HEALTH_APP}"} if app["name"] == HEALTH_APP else app
+            for app in apps]
 
 
 def check_port_free(host: str, port: int) -> None:

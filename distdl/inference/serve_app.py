@@ -201,7 +201,8 @@ async def _multipart_images(request: Request, shape: tuple[int, int, int],
     inputs.count_instances(len(files), limits)
     named = [(await f.read(), f"file {f.filename!r}") for f in files]
     total = sum(inputs.pixels(data) for data, _ in named)
-    inputs.check_total_pixels(total, limits)
+    if len(named) > 1:  # one image over the limit gets decode()'s message, which names it
+        inputs.check_total_pixels(total, limits)
 
     def decode() -> np.ndarray:
         return np.stack([inputs.decode(data, input_shape=shape, limits=limits, what=what)
@@ -371,7 +372,8 @@ class Health:
             return JSONResponse({"error": f"no such endpoint: {request.url.path}"},
                                 status_code=404)
         if request.method not in ("GET", "HEAD"):
-            return JSONResponse({"error": f"/{HEALTH_APP} answers GET, not {request.method}"},
+            return JSONResponse({"error": f"/{HEALTH_APP} answers GET and HEAD, not "
+                                          f"{request.method}"},
                                 status_code=405, headers={"Allow": "GET, HEAD"})
         states = {name: app.status.value for name, app in serve.status().applications.items()}
         ok = all(state == "RUNNING" for state in states.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from distdl.config import MAX_NAME_BYTES, Config
+from distdl.config import MAX_NAME_BYTES, Config, dump_yaml, parse_yaml
 from distdl.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -34,10 +35,14 @@ def default_run_dir(storage: str, name: str) -> Path:
 
 
 def _folder_name(uri: str) -> str:
-    """`uri` without its query (endpoints, credentials), as one readable folder name."""
+    """`uri` as one folder name: readable, and with a hash of the URI so that no two storages
+    share one. Credentials stay out of it: the query (endpoints, keys) and any user:password@
+    are left out of both."""
     scheme, _, rest = uri.partition("?")[0].partition("://")
-    text = re.sub(r"[^A-Za-z0-9._]+", "-", f"{scheme}-{rest}").strip("-.")
-    return text.encode()[:MAX_NAME_BYTES].decode(errors="ignore") or scheme
+    host, slash, path = rest.partition("/")
+    where = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", where).strip("-.")[:MAX_NAME_BYTES - 9]
+    return f"{readable}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
@@ -99,7 +104,7 @@ def write_config(run_dir: Path, config: dict[str, Any], provenance: dict[str, An
 def config_text(config: dict[str, Any], provenance: dict[str, Any]) -> str:
     """A resolved config as YAML under a comment header saying what made it."""
     header = "".join(f"# {k}: {v}\n" for k, v in provenance.items())
-    return header + yaml.safe_dump(config, sort_keys=False)
+    return header + dump_yaml(config)
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -108,7 +113,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        config = yaml.safe_load(path.read_text())
+        config = parse_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}; fix or delete it, or "
                         "choose another --output") from None

@@ -19,7 +19,7 @@ import yaml
 from ray import tune
 
 from distdl import provenance, runtime
-from distdl.config import Config, TrainConfig
+from distdl.config import Config, TrainConfig, parse_yaml
 from distdl.errors import UserError
 from distdl.train import rundir, trainer
 from distdl.tune import driver, report, space
@@ -125,7 +125,7 @@ def saved_config(experiment: str) -> Config | None:
     where = config_path(experiment)
     try:
         with fs.open_input_stream(path) as f:
-            raw = yaml.safe_load(f.read().decode())
+            raw = parse_yaml(f.read().decode())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read the search's settings in {where}: "
                         f"{str(exc).splitlines()[0]}") from None

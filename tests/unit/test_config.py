@@ -44,6 +44,16 @@ def test_numbers_read_as_yaml_1_2_reads_them(tmp_path):
         resolve(recipes.get("debug"), None, ["train.epochs=1:30"])
 
 
+def test_a_run_directory_config_reads_back_as_the_same_config(tmp_path):
+    """A run's config.yaml, given back as --config: text that reads as a number stays text."""
+    from distdl.train import rundir
+
+    cfg = resolve(recipes.get("debug"), None, ["name=1e-3", "data.label_column=010"])
+    path = tmp_path / "config.yaml"
+    path.write_text(rundir.config_text(cfg.to_dict(), {"distdl": "test"}))
+    assert resolve(recipes.get("debug"), path, []) == cfg
+
+
 def test_a_config_file_replaces_the_recipe_search_space(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("tune:\n  num_samples: 3\n  space:\n    optim.lr: {choice: [0.1, 0.01]}\n")

@@ -52,11 +52,14 @@ def test_the_run_directory_of_another_run_is_refused(run_dir):
 
 def test_runs_in_two_uri_storages_get_two_run_directories():
     first = rundir.default_run_dir("s3://bucket/runs", "digits")
-    assert first.parts == ("runs", "s3-bucket-runs", "digits")
-    assert rundir.default_run_dir("gs://bucket/runs", "digits") != first
-    # The query may hold credentials: it is left out.
-    with_query = rundir.default_run_dir("s3://bucket/runs?access_key=SECRET", "digits")
-    assert with_query == first
+    assert first.parts[0] == "runs" and first.parts[2] == "digits"
+    assert first.parts[1].startswith("s3-bucket-runs-")
+    others = ["gs://bucket/runs", "s3://bucket/runs-a", "s3://bucket/runs/a", "s3://bucket/ü"]
+    folders = {rundir.default_run_dir(uri, "digits") for uri in [*others, "s3://bucket"]}
+    assert first not in folders and len(folders) == len(others) + 1
+    # A query or a user part may hold credentials: neither shows, nor changes the folder.
+    for uri in ("s3://bucket/runs?access_key=SECRET", "s3://KEY:SECRET@bucket/runs"):
+        assert rundir.default_run_dir(uri, "digits") == first
 
 
 def test_damaged_run_files_are_one_line(run_dir):
