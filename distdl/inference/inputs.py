@@ -30,7 +30,8 @@ class Limits:
     """What one request may carry. The defaults suit images up to a few megapixels."""
 
     max_body_bytes: int = 8 * 1024 * 1024
-    max_pixels: int = 16_000_000  # per request: a decompression bomb is refused before decoding
+    # Per image, and for a multipart request's images in all: refused before decoding.
+    max_pixels: int = 16_000_000
     max_instances: int = 64
     body_timeout_s: float = 10.0  # for the whole body to arrive: 8 MiB at 7 Mbit/s
 
