@@ -49,11 +49,10 @@ def query(url: str, files: list[str], *, api_key: str | None = None,
 
 
 def _image_type(path: Path) -> str:
+    """The image type a file's name gives, else octet-stream: the server reads the format from
+    the bytes, and answers 400 naming the file's problem when they are not an image."""
     kind = mimetypes.guess_type(path.name)[0]
-    if not kind or not kind.startswith("image/"):
-        raise UserError(f"{path} is not an image file by its name (.png, .jpg, ...) nor a .json "
-                        "file of instances")
-    return kind
+    return kind if kind and kind.startswith("image/") else "application/octet-stream"
 
 
 def _body(reply, endpoint: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class Limits:
     """What one request may carry. The defaults suit images up to a few megapixels."""
 
     max_body_bytes: int = 8 * 1024 * 1024
-    # Per image, and for a multipart request's images in all: refused before decoding.
+    # Per image, and for one request's images in all: refused before decoding or resizing.
     max_pixels: int = 16_000_000
     max_instances: int = 64
     body_timeout_s: float = 10.0  # for the whole body to arrive: 8 MiB at 7 Mbit/s
@@ -105,11 +105,14 @@ def from_json(payload: Any, *, input_shape: tuple[int, int, int], limits: Limits
     if not isinstance(instances, list):
         raise BadInput('"instances" must be a list of pixel arrays')
     count_instances(len(instances), limits)
-    return np.stack([_pixels(item, i, input_shape, limits) for i, item in enumerate(instances)])
+    arrays = [_pixels(item, i, input_shape[0], limits) for i, item in enumerate(instances)]
+    if len(arrays) > 1:  # resizing costs by the pixel, as decoding does
+        check_total_pixels(sum(a.shape[0] * a.shape[1] for a in arrays), limits)
+    return np.stack([resize_uint8(a, input_shape[1:]) for a in arrays])
 
 
-def _pixels(item: Any, index: int, input_shape: tuple[int, int, int], limits: Limits) -> np.ndarray:
-    channels, height, width = input_shape
+def _pixels(item: Any, index: int, channels: int, limits: Limits) -> np.ndarray:
+    """One checked pixel array -> uint8 (H, W, C) at its own size."""
     where = f"instances[{index}]"
     try:
         array = np.asarray(item)
@@ -124,15 +127,16 @@ def _pixels(item: Any, index: int, input_shape: tuple[int, int, int], limits: Li
     if array.ndim != 3 or array.shape[2] != channels:
         expected = f"(H, W) or (H, W, {channels})" if channels == 1 else f"(H, W, {channels})"
         raise BadInput(f"{where} has shape {array.shape}; expected {expected}")
-    if array.shape[0] * array.shape[1] > limits.max_pixels or 0 in array.shape:
-        raise BadInput(f"{where} has {array.shape[0]}x{array.shape[1]} pixels; "
-                       f"allowed 1 to {limits.max_pixels}")
+    if 0 in array.shape:
+        raise BadInput(f"{where} holds no pixels")
+    if array.shape[0] * array.shape[1] > limits.max_pixels:
+        raise BadInput(f"{where} has {array.shape[0]}x{array.shape[1]} pixels, more than the "
+                       f"limit of {limits.max_pixels}", status=413)
     if not np.isfinite(array).all():
         raise BadInput(f"{where} holds NaN or infinite values")
     if array.min() < 0 or array.max() > 255:
         raise BadInput(f"{where} has values outside [0, 255]")
-    image = np.rint(array).astype(np.uint8)
-    return resize_uint8(image, (height, width))
+    return np.rint(array).astype(np.uint8)
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:

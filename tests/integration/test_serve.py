@@ -202,6 +202,8 @@ def _bad_requests(image: np.ndarray) -> dict[str, tuple[dict, int]]:
         "huge integer": ({"data": '{"instances": [[[1%s]]]}' % ("0" * 400), **as_json}, 400),
         "huger integer": ({"data": '{"instances": [[[9%s]]]}' % ("0" * 5000), **as_json}, 400),
         "too many": ({"data": json.dumps({"instances": [instance] * 9}), **as_json}, 413),
+        "json pixels in all": ({"data": json.dumps({"instances": [[[0] * 300] * 300] * 2}),
+                                **as_json}, 413),
         "too many files": ({"files": [("files", (f"{i}.png", png, "image/png"))
                                       for i in range(9)]}, 413),
         "far too many files": ({"files": [("files", (f"{i}.png", png, "image/png"))
@@ -318,7 +320,15 @@ def test_query_prints_predictions(served, validation, tmp_path):
     assert done.returncode == 0, done.stderr
     name = _post_png("/vision/predict", images[0]).json()["predictions"][0]["class_name"]
     assert f"{pgm}: {name}  (" in done.stdout
+    nameless = tmp_path / "digit0"  # no extension: sent as octet-stream, read by its bytes
+    nameless.write_bytes(paths[0].read_bytes())
+    done = run_cli("query", f"{BASE}/vision", str(nameless))
+    assert done.returncode == 0, done.stderr
+    assert f"{nameless}: " in done.stdout
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
     for args, words in (((f"{BASE}/vision", str(tmp_path / "missing.png")), "does not exist"),
+                        ((f"{BASE}/vision", str(notes)), "answered 400"),
                         ((f"{BASE}/vision", str(tmp_path)), f"{tmp_path} is not a file"),
                         ((f"{BASE}/healthz", str(paths[0])), "answered 404: no such endpoint"),
                         ((f"{BASE}/vision", str(paths[0]), "--timeout", "0"), "above 0")):

@@ -85,6 +85,7 @@ def test_json_instances_of_any_size_are_resized():
     ({"instances": [[[True, False], [True, True]]]}, 400, "array of numbers"),
     ({"instances": [[[10 ** 40]]]}, 400, "array of numbers"),
     ({"instances": [[1, 2, 3]]}, 400, "shape"),
+    ({"instances": [[[]]]}, 400, "no pixels"),
     ({"instances": [[[float("nan")]]]}, 400, "NaN"),
     ({"instances": [[[float("inf")]]]}, 400, "infinite"),
     ({"instances": [[[-1]]]}, 400, "[0, 255]"),
@@ -113,6 +114,19 @@ def test_the_images_of_one_request_share_the_pixel_limit():
     with pytest.raises(BadInput, match="1001 pixels in all") as error:
         inputs.check_total_pixels(1001, limits)
     assert error.value.status == 413
+
+
+def test_json_arrays_share_the_pixel_limit_too():
+    limits = Limits(max_pixels=1000)
+    square = np.zeros((30, 30)).tolist()  # 900 pixels: one fits, two do not
+    assert inputs.from_json({"instances": [square]}, input_shape=GREY, limits=limits).shape[0] == 1
+    got, message = _status(lambda: inputs.from_json({"instances": [square, square]},
+                                                    input_shape=GREY, limits=limits))
+    assert (got, "1800 pixels in all" in message) == (413, True)
+    large = np.zeros((40, 40)).tolist()
+    got, message = _status(lambda: inputs.from_json({"instances": [large]}, input_shape=GREY,
+                                                    limits=limits))
+    assert (got, "40x40 pixels, more than the limit of 1000" in message) == (413, True)
 
 
 def test_any_image_type_and_octet_streams_are_image_bodies():
