@@ -79,6 +79,12 @@ def _api_key(text: str) -> str:
     return text
 
 
+def _print_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config, every field, as YAML that --config "
+                             "reads, and exit (starts nothing)")
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None,
                         help="named preset: digits_cpu (default; digits_tune for tune), "
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model with DDP on Ray Train workers")
     _config_args(train)
+    _print_config_arg(train)
     _ray_args(train)
     train.add_argument("--storage", default=_default_storage(),
                        help="where checkpoints go: a directory or a URI such as s3://bucket/path "
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="search hyperparameters: one distributed training per trial")
     _config_args(tune)
+    _print_config_arg(tune)
     _ray_args(tune)
     tune.add_argument("--storage", default=_default_storage(),
                       help="where trials and checkpoints go: a directory or a URI "
@@ -338,12 +346,21 @@ def _config(args, default_recipe: str | None = None):
     return cfg
 
 
+def _print_config(cfg) -> int:
+    from distdl.config import dump_yaml
+
+    print(dump_yaml(cfg.to_dict()), end="")
+    return 0
+
+
 def cmd_train(args) -> int:
     from distdl import runtime
     from distdl.progress import EpochPrinter
     from distdl.train import rundir
 
     cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
     run_dir = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     rundir.check_writable(run_dir)
     recorded = rundir.epochs_recorded(cfg, run_dir)
@@ -423,9 +440,13 @@ def cmd_tune(args) -> int:
     from distdl.tune import progress, report, space, tuner
 
     cfg = _config(args, TUNE_RECIPE)
+    if args.print_config and not args.resume:
+        return _print_config(cfg)
     storage = _check_before_ray(cfg, args.storage)
     saved = _resumed_config(args, cfg, storage) if args.resume else None
     cfg = saved or cfg
+    if args.print_config:  # the settings the resumed search continues with
+        return _print_config(cfg)
     params = space.parse(cfg)
     output = Path(args.output) if args.output else rundir.default_run_dir(args.storage, cfg.name)
     rundir.check_writable(output)

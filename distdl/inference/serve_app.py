@@ -74,11 +74,12 @@ class ModelInfo(BaseModel):
 async def require_api_key(request: Request) -> None:
     """With DISTDL_API_KEY set, every route needs it (Authorization: Bearer, or X-API-Key).
 
-    A dependency of the app's routes (async: a plain function would run in a thread pool);
-    the OpenAPI docs stay readable without the key.
+    A dependency of the app's routes (async: a plain function would run in a thread pool).
+    The OpenAPI docs stay readable without the key, and so does the model's /healthz: a
+    load balancer's probe sends no key, and learns only that the replica answers.
     """
     expected = os.environ.get(API_KEY_ENV)
-    if not expected:
+    if not expected or getattr(request.scope.get("route"), "path", None) == "/healthz":
         return
     given = request.headers.get("x-api-key") or ""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

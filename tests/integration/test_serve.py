@@ -296,6 +296,8 @@ def test_api_key_guards_an_application(ray_address, served, checkpoints, validat
                    "--detach", address=ray_address)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _post_png("/secure/predict", images[0]).status_code == 401
+    assert requests.get(f"{BASE}/secure/model", timeout=10).status_code == 401
+    assert requests.get(f"{BASE}/secure/healthz", timeout=10).json()["status"] == "ok"
     wrong = _post_png("/secure/predict", images[0], headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
     right = _post_png("/secure/predict", images[0], headers={"Authorization": "Bearer s3cret"})

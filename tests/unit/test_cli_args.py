@@ -159,3 +159,23 @@ def test_a_step_benchmark_that_cannot_run_is_one_line_before_it_starts(args, mes
     assert cli.main(["bench", "step", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_print_config_shows_every_field_and_reads_back_as_the_same_config(tmp_path):
+    shown = run_cli("train", "--print-config", "--set", "train.epochs=7", "--name", "1e-3",
+                    cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "  epochs: 7\n" in shown.stdout and "  use_gpu: false\n" in shown.stdout
+    saved = tmp_path / "shown.yaml"
+    saved.write_text(shown.stdout)
+    again = run_cli("train", "--print-config", "--config", str(saved), cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == shown.stdout, again.stderr
+    assert list(tmp_path.iterdir()) == [saved]  # nothing else made: no run folder, no storage
+
+
+def test_tune_prints_its_own_recipe_with_the_overrides(tmp_path):
+    shown = run_cli("tune", "--print-config", "--set", "tune.num_samples=3", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    tune = shown.stdout[shown.stdout.index("\ntune:\n"):]
+    assert "\n  num_samples: 3\n" in tune and "\n  space:\n" in tune
+    assert not list(tmp_path.iterdir())
