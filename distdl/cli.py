@@ -400,11 +400,12 @@ def cmd_train(args) -> int:
 
 
 def _check_stored_run(cfg, meta: dict, storage: str) -> None:
-    """A run resumed from checkpoints that its run directory does not record must have been
-    trained on the same model and data: Ray Train restores them whatever the config says."""
+    """A run resumed from checkpoints that its run directory does not record must keep what
+    the run directory's check keeps (the model, data, optimizer and global batch): Ray Train
+    restores them whatever the config says. Checkpoints of older versions record only some."""
     from distdl.train import rundir
 
-    stored = tuple(section for section in ("model", "data") if section in meta)
+    stored = tuple(f for f in rundir.RESUME_KEEPS if rundir.get_field(meta, f) is not None)
     changed = rundir.resume_changes(meta, cfg.to_dict(), stored)
     if changed:
         raise UserError(f"run '{cfg.name}' in {storage} was trained with other "

@@ -125,20 +125,21 @@ def resume_changes(previous: dict[str, Any], config: dict[str, Any],
     """The `fields` (sections, or section.field) that differ between the settings a run was
     started with and `config`, leaving out those in RESUME_MAY_CHANGE."""
     previous, config = _without(previous, RESUME_MAY_CHANGE), _without(config, RESUME_MAY_CHANGE)
-    return [name for name in fields if _get(previous, name) != _get(config, name)]
+    return [name for name in fields if get_field(previous, name) != get_field(config, name)]
 
 
 def _without(config: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     out = copy.deepcopy(config)
     for dotted in fields:
         section, _, name = dotted.rpartition(".")
-        node = _get(out, section) if section else out
+        node = get_field(out, section) if section else out
         if isinstance(node, dict):
             node.pop(name, None)
     return out
 
 
-def _get(config: dict[str, Any], dotted: str) -> Any:
+def get_field(config: dict[str, Any], dotted: str) -> Any:
+    """The value at `dotted` ("train.batch_size", or a section), None where there is none."""
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config

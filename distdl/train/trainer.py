@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+
 import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,10 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
         data=cfg.data,
     )
     meta["parameters"] = parameters
+    # What a resume must keep beyond the model and data (rundir.RESUME_KEEPS): the optimizer
+    # state and schedule position in the checkpoint were made with them.
+    meta["optim"] = asdict(cfg.optim)
+    meta["train"] = {"batch_size": cfg.train.batch_size}
     return WorkerSpec(config=cfg, meta=meta, in_memory=in_memory, steps_per_epoch=steps)
 
 

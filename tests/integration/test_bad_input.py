@@ -118,6 +118,12 @@ def test_resuming_a_run_with_another_model_is_refused(ray_address, tmp_path):
     assert elsewhere.stderr.strip().splitlines() == [
         f"error: run 'debug' in {tmp_path} was trained with other data settings, so it cannot "
         "be resumed with these; choose another --name"]
+    for change, what in (("optim.lr=0.5", "optim"), ("optim.optimizer=sgd", "optim"),
+                         ("train.batch_size=32", "train.batch_size")):
+        refused = run_cli(*common, "--output", str(tmp_path / "elsewhere"), "--set", change,
+                          address="127.0.0.1:1")
+        assert refused.returncode == 2 and f"with other {what} settings" in refused.stderr, \
+            refused.stderr[-2000:]
 
 
 def test_a_benchmark_report_file_in_a_missing_folder_is_refused_before_measuring(tmp_path):
