@@ -26,12 +26,14 @@ IMAGE_SIDES = (4, 1024)
 MAX_WIDTH = 65_536  # model.width: far past any model a node can hold, short of torch's overflows
 MAX_CPUS_PER_WORKER = 1024
 MAX_NAME_BYTES = 200  # a folder name, with room for the suffixes Ray Train adds (255 at most)
+FILE_SOURCES = ("imagefolder", "parquet", "cifar10")  # data.source kinds that name a path
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "digits"
-    """Dataset name or URI: digits, shapes, imagefolder:PATH, parquet:PATH or cifar10:PATH."""
+    """Dataset name or URI: digits, shapes, imagefolder:PATH, parquet:PATH or cifar10:PATH (a
+    relative PATH is made absolute)."""
     val_fraction: float = 0.2
     """Share of the examples held out for validation (a seeded, deterministic split)."""
     image_size: int | None = None
@@ -55,6 +57,11 @@ class DataConfig:
                f"data.image_size must be between {low} and {high} pixels (or null)")
         _check(self.num_samples >= 20, "data.num_samples must be at least 20")
         _check(self.cache_max_mb >= 0, "data.cache_max_mb must be >= 0")
+        kind, _, path = self.source.partition(":")
+        if kind in FILE_SOURCES and path:
+            # So that config.yaml, the checkpoints' meta.json (read by `distdl evaluate`) and
+            # Tune's trials, which run in folders of their own, name the same files from anywhere.
+            self.source = f"{kind}:{Path(path).expanduser().resolve()}"
 
 
 @dataclass(kw_only=True)

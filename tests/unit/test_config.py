@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from distdl import recipes
-from distdl.config import Config, resolve
+from distdl.config import FILE_SOURCES, Config, DataConfig, resolve
 from distdl.errors import UserError
 
 
@@ -113,3 +115,14 @@ def test_missing_and_malformed_config_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00train")
     with pytest.raises(UserError, match="is not UTF-8 text"):
         resolve({}, binary, [])
+
+
+def test_file_sources_name_absolute_paths(tmp_path, monkeypatch):
+    from distdl.data import sources
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve(recipes.get("debug"), None, ["data.source=imagefolder:pets/train"])
+    assert cfg.data.source == f"imagefolder:{tmp_path / 'pets' / 'train'}"
+    assert DataConfig(source="parquet:~/x.parquet").source == f"parquet:{Path.home() / 'x.parquet'}"
+    assert DataConfig(source="digits").source == "digits"
+    assert set(sources._FILE_LOADERS) == set(FILE_SOURCES)  # the kinds made absolute
