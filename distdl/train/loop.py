@@ -52,7 +52,8 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step learning-rate multiplier for the whole run of `epochs` epochs."""
     total = max(1, epochs * steps_per_epoch)
-    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
+    # At most half the run: a warm-up as long as the run would end it at the peak rate.
+    warmup = min(total // 2, int(cfg.warmup_epochs * steps_per_epoch))
 
     def cosine(step: int) -> float:
         if step < warmup:

@@ -54,6 +54,12 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[-1] < 0.01                    # decays to about zero
 
 
+def test_a_warm_up_longer_than_half_the_run_still_leaves_it_time_to_decay():
+    lrs = _learning_rates(OptimConfig(lr=1.0, warmup_epochs=1), epochs=1, steps_per_epoch=10)
+    assert max(lrs) == lrs[5] == 1.0 and lrs[0] < lrs[4]
+    assert lrs[-1] < 0.1
+
+
 def test_onecycle_starts_low_peaks_and_ends_near_zero():
     lrs = _learning_rates(OptimConfig(lr=1.0, schedule="onecycle"), epochs=10, steps_per_epoch=10)
     assert lrs[0] < 0.05
