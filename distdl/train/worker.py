@@ -165,9 +165,12 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
     best_accuracy, reported_at = None, time.time()
     for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
         started = time.time()
+        # One seed per epoch and rank, for the shuffle and for dropout: ranks draw different
+        # dropout masks, and a resumed epoch draws what it would have drawn without the stop.
+        seed = cfg.train.seed * 100_003 + epoch * 101 + rank
+        torch.manual_seed(seed)
         batches = train_data.batches(cfg.train.batch_size_per_worker(), shuffle=True,
-                                     seed=cfg.train.seed * 100_003 + epoch * 101 + rank,
-                                     drop_last=True)
+                                     seed=seed, drop_last=True)
         batches = itertools.islice(batches, steps)
         train = loop.train_epoch(setup.model, batches, setup.optimizer, setup.scheduler,
                                  loss_fn, autocast_dtype=dtype, scaler=setup.scaler)
