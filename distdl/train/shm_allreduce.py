@@ -30,12 +30,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 SHM_DIR = Path("/dev/shm")
 _COUNTER_BYTES = 64  # one cache line per rank's counter, so ranks do not contend for a line
+# A rank waits for the others by yielding its core, which keeps the usual wait (well under a
+# millisecond) short; after _SPIN_S it sleeps instead, as when rank 0 writes a checkpoint.
+_SPIN_S = 0.01
+_NAP_S = 0.001
 
 
 class SharedGradients:
     """One rank's view of the shared buffer at `path`."""
 
-    def __init__(self, path: str, numel: int, world: int, rank: int, timeout_s: float = 300.0):
+    # timeout_s: as long as Ray Train gives gloo's collectives, so that a slow checkpoint upload
+    # on rank 0 is no failure here where it would be none with gloo.
+    def __init__(self, path: str, numel: int, world: int, rank: int, timeout_s: float = 1800.0):
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), buffer_size(numel, world))
         head = world * _COUNTER_BYTES
@@ -57,10 +63,14 @@ class SharedGradients:
         return grads.div_(self.world)
 
     def _wait_for_all(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
         while self.counters.min() < self.calls:
-            os.sched_yield()  # the waiting rank has nothing else to do; let others run
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if waited < _SPIN_S:
+                os.sched_yield()  # the waiting rank has nothing else to do; let others run
+            else:
+                time.sleep(_NAP_S)
+            if waited > self.timeout_s:
                 raise RuntimeError(f"a DDP rank did not reach the gradient all-reduce within "
                                    f"{self.timeout_s:g} s (did a worker die?)")
 
