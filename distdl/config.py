@@ -96,7 +96,7 @@ class OptimConfig:
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     """cosine: linear warm-up then cosine decay to zero; onecycle: PyTorch's OneCycleLR."""
     warmup_epochs: float = 1.0
-    """Epochs of linear warm-up before the cosine decay."""
+    """Epochs of linear warm-up before the cosine decay (at most half the run)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
 
