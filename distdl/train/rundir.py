@@ -169,7 +169,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     # A line counts once its newline is written: a reader may see a line being appended.
-    *complete, _partial = path.read_text().split("\n")
+    *complete, _partial = _text(path).split("\n")
     metrics = []
     for number, line in enumerate(complete, 1):
         if not line.strip():
@@ -177,14 +177,38 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         try:
             metrics.append(json.loads(line))
         except json.JSONDecodeError:
-            raise UserError(f"cannot read {path}: line {number} is not JSON; fix or delete it, "
-                            "or choose another --output") from None
+            metrics.append(None)
+        if not isinstance(metrics[-1], dict) or not isinstance(metrics[-1].get("epoch"), int):
+            raise UserError(f"cannot read {path}: line {number} is not an epoch's metrics; fix "
+                            "or delete it, or choose another --output")
     return metrics
 
 
+_RESULT_KEYS = {"best_checkpoint", "best_val_accuracy", "epochs_completed", "wall_s"}
+
+
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:
-    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    # Written beside and renamed: a crash mid-write leaves the old file or none, never half one.
+    partial = run_dir / f".{RESULT_FILE}.partial"
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(run_dir / RESULT_FILE)
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        result = json.loads(_text(path))
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict) or not _RESULT_KEYS <= result.keys():
+        raise UserError(f"cannot read {path}: it is not a finished run's result; delete it to "
+                        "train the run's last epoch again, or choose another --output")
+    return result
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {path}: it is not UTF-8 text; fix or delete it, or "
+                        "choose another --output") from None

@@ -64,8 +64,24 @@ def test_runs_in_two_uri_storages_get_two_run_directories():
 
 def test_damaged_run_files_are_one_line(run_dir):
     (run_dir / rundir.METRICS_FILE).write_text('{"epoch": 1}\n{"epoch": 2\n')
-    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not JSON"):
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not an epoch's metrics"):
         rundir.read_metrics(run_dir)
+    for other in ('{"loss": 1}\n', "[]\n", '{"epoch": "1"}\n'):  # JSON, but another tool's
+        (run_dir / rundir.METRICS_FILE).write_text(other)
+        with pytest.raises(UserError, match=r"line 1 is not an epoch's metrics"):
+            rundir.read_metrics(run_dir)
+    (run_dir / rundir.METRICS_FILE).write_bytes(b'{"epoch": 1}\n\xff\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: it is not UTF-8 text"):
+        rundir.read_metrics(run_dir)
+    for damaged in ("", '{"best_checkpoint": "x", ', '{"best_val_accuracy": 0.9}'):
+        (run_dir / rundir.RESULT_FILE).write_text(damaged)
+        with pytest.raises(UserError, match=r"result.json: it is not a finished run's result"):
+            rundir.read_result(run_dir)
+    result = {"best_checkpoint": None, "best_val_accuracy": None, "epochs_completed": 2,
+              "wall_s": 1.0}
+    rundir.write_result(run_dir, result)
+    assert rundir.read_result(run_dir) == result
+    assert sorted(p.name for p in run_dir.iterdir() if "result" in p.name) == ["result.json"]
     (run_dir / rundir.METRICS_FILE).write_text('{"epoch": 1}\n')
     (run_dir / rundir.CONFIG_FILE).write_text("optim: [1, 2\n")
     with pytest.raises(UserError, match="cannot read .*config.yaml"):
