@@ -18,13 +18,13 @@ _USER_FAULTS = (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError)
 def probe(uri: str, timeout_s: float = PROBE_S, *, what: str = "storage") -> pyarrow.fs.FileType:
     """Open `uri`'s filesystem and look the path up, for at most `timeout_s`; returns what is
     there (pyarrow.fs.FileType.NotFound where nothing is). `what` names the URI in errors."""
-    found: list[pyarrow.fs.FileType] = []
+    found: list[tuple[str, pyarrow.fs.FileType]] = []
     failed: list[Exception] = []
 
     def look() -> None:
         try:
             fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-            found.append(fs.get_file_info(path).type)
+            found.append((path, fs.get_file_info(path).type))
         except Exception as exc:  # raised again below, in the caller's thread
             failed.append(exc)
 
@@ -41,4 +41,8 @@ def probe(uri: str, timeout_s: float = PROBE_S, *, what: str = "storage") -> pya
     if failed:
         reason = (str(failed[0]).strip().splitlines() or [type(failed[0]).__name__])[0]
         raise UserError(f"cannot use {what} {uri}: {reason}")
-    return found[0]
+    path, kind = found[0]
+    if not path.strip("/"):  # s3:// alone: pyarrow looks up the account, not a bucket
+        raise UserError(f"cannot use {what} {uri}: it names no bucket or folder, as in "
+                        "s3://BUCKET/runs")
+    return kind

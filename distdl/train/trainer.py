@@ -217,16 +217,20 @@ def stored_meta(storage: str, name: str) -> dict[str, Any] | None:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage)
     else:
         fs, root = pyarrow.fs.LocalFileSystem(), storage
+    # Unreadable storage or metadata: training reports that itself, in its own words.
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
-        # Ray Train names checkpoints by their time: checkpoint_2026-11-29_10-30-13.674992.
-        newest = max((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
-                      and info.base_name.startswith("checkpoint_")), default=None)
-        if newest is None:
-            return None
+    except OSError:
+        return None  # no checkpoint is known to be there
+    # Ray Train names checkpoints by their time: checkpoint_2026-11-29_10-30-13.674992.
+    newest = max((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
+                  and info.base_name.startswith("checkpoint_")), default=None)
+    if newest is None:
+        return None
+    try:
         with fs.open_input_stream(f"{newest}/{checkpoint.META_FILE}") as meta:
             return json.loads(meta.read())
-    except (OSError, ValueError):  # unreadable: training reports that itself, in its own words
+    except (OSError, ValueError):
         return {}
 
 

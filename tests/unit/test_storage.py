@@ -25,6 +25,8 @@ def test_storage_that_never_answers_is_given_up_on_in_time():
 @pytest.mark.parametrize("uri, message", [
     (f"s3://bucket/runs?{UNREACHABLE}", "Could not connect to server"),
     ("foo://x/runs", "Unrecognized filesystem type in URI: foo://x/runs"),
+    (f"s3://?{UNREACHABLE}", "it names no bucket or folder"),
+    ("file:///", "it names no bucket or folder"),
 ])
 def test_storage_that_fails_says_why(uri, message):
     with pytest.raises(UserError, match=f"cannot use storage .*{message}"):
