@@ -42,7 +42,7 @@ def query(url: str, files: list[str], *, api_key: str | None = None,
                             "server? raise --timeout)") from None
         raise UserError(f"cannot reach {endpoint}: {type(exc).__name__} "
                         "(is distdl serve running? check the URL)") from None
-    except requests.RequestException as exc:
+    except (requests.RequestException, ValueError) as exc:  # urllib3's bad hosts: ValueError
         raise UserError(f"cannot send to {endpoint}: {type(exc).__name__} (check the URL)") \
             from None
     return _body(reply, endpoint)

@@ -68,3 +68,9 @@ def test_a_server_slower_than_the_timeout_is_named_so(server, image):
     handler.delay_s = 1.5
     with pytest.raises(UserError, match=r"did not answer within 0.5 s .*raise --timeout"):
         query(url, [image], timeout_s=0.5)
+
+
+@pytest.mark.parametrize("url", ["http://my..host:8000/vision", f"http://{'a' * 70}.local/x"])
+def test_a_host_that_is_no_host_name_is_one_line(url, image):
+    with pytest.raises(UserError, match=r"cannot send to .*\(check the URL\)"):
+        query(url, [image])
