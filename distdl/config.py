@@ -342,11 +342,14 @@ def dump_yaml(data: Any) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        problem = "is a folder, not a file" if path.is_dir() else "not found"
+        raise UserError(f"config file {problem}: {path}")
     try:
         raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise UserError(f"config file {path} nests deeper than a config can") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text (is it a YAML file?)") from None
     except OSError as exc:

@@ -115,6 +115,12 @@ def test_missing_and_malformed_config_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00train")
     with pytest.raises(UserError, match="is not UTF-8 text"):
         resolve({}, binary, [])
+    with pytest.raises(UserError, match=f"config file is a folder, not a file: {tmp_path}"):
+        resolve({}, tmp_path, [])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserError, match="nests deeper than a config can"):
+        resolve({}, deep, [])
 
 
 def test_file_sources_name_absolute_paths(tmp_path, monkeypatch):
