@@ -71,8 +71,17 @@ def _host(text: str) -> str:
     return text
 
 
+def _nonempty(text: str) -> str:
+    """An argparse type: text that says something (an unset shell variable gives "")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _api_key(text: str) -> str:
     """An argparse type: a key that an HTTP header can carry (it is not echoed: a secret)."""
+    if not text:  # from an unset shell variable, most likely: serving without a key is no fix
+        raise argparse.ArgumentTypeError("must not be empty (nor DISTDL_API_KEY, its default)")
     if not (text.isascii() and text.isprintable() and " " not in text):
         raise argparse.ArgumentTypeError("must be printable ASCII without spaces, as HTTP "
                                          "headers carry it")
@@ -92,11 +101,11 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with config sections (data, model, optim, train, tune)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--name", help="run name (default from the recipe); rerun a name to resume")
+    parser.add_argument("--name", type=_nonempty, help="run name (default from the recipe); rerun a name to resume")
 
 
 def _default_storage() -> str:
-    return os.environ.get("DISTDL_STORAGE", "runs")
+    return os.environ.get("DISTDL_STORAGE") or "runs"  # set but empty: as if unset
 
 
 def _ray_args(parser: argparse.ArgumentParser) -> None:
@@ -130,19 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(train)
     _print_config_arg(train)
     _ray_args(train)
-    train.add_argument("--storage", default=_default_storage(),
+    train.add_argument("--storage", type=_nonempty, default=_default_storage(),
                        help="where checkpoints go: a directory or a URI such as s3://bucket/path "
                             "(default: ./runs or DISTDL_STORAGE)")
-    train.add_argument("--output", help="run directory (default: STORAGE/NAME for local storage)")
+    train.add_argument("--output", type=_nonempty, help="run directory (default: STORAGE/NAME for local storage)")
 
     tune = sub.add_parser("tune", help="search hyperparameters: one distributed training per trial")
     _config_args(tune)
     _print_config_arg(tune)
     _ray_args(tune)
-    tune.add_argument("--storage", default=_default_storage(),
+    tune.add_argument("--storage", type=_nonempty, default=_default_storage(),
                       help="where trials and checkpoints go: a directory or a URI "
                            "(default: ./runs or DISTDL_STORAGE)")
-    tune.add_argument("--output", help="folder for tune_result.json, trials.csv and "
+    tune.add_argument("--output", type=_nonempty, help="folder for tune_result.json, trials.csv and "
                                        "tune_curves.png (default: STORAGE/NAME for local storage)")
     tune.add_argument("--resume", action="store_true",
                       help="continue the interrupted search of the same --name and --storage")
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory of distdl train or tune, for its best checkpoint")
     evaluate.add_argument("--data", help="dataset to score (default: the validation split of the "
                                          "checkpoint's own dataset)")
-    evaluate.add_argument("--output", default="evaluation",
+    evaluate.add_argument("--output", type=_nonempty, default="evaluation",
                           help="folder for evaluation.json and confusion_matrix.png")
     _ray_args(evaluate)
 
@@ -261,7 +270,7 @@ def _serve_parsers(sub) -> None:
 
     build = sub.add_parser("serve build", help="write a Serve config file for checkpoints")
     _serve_options(build)
-    build.add_argument("-o", "--output", default="serve.yaml", help="(default serve.yaml)")
+    build.add_argument("-o", "--output", type=_nonempty, default="serve.yaml", help="(default serve.yaml)")
 
     update = sub.add_parser("serve update", help="swap the model of a running application")
     update.add_argument("name", help="the application, e.g. vision")
@@ -323,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "home directory" not in str(exc):
+            raise
+        # pathlib's expanduser on "~NAME/..." where no user NAME exists, at any of the paths
+        # the commands take.
+        print("error: a path starts with ~NAME, and there is no user NAME: write ~/ for your "
+              "home folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -426,7 +443,8 @@ def _check_before_ray(cfg, storage: str) -> str:
 
 
 def _print_result(result: dict, run_dir: Path) -> None:
-    print(f"best validation accuracy {result['best_val_accuracy']:.4f} after "
+    accuracy = result["best_val_accuracy"]  # None where no checkpoint was kept
+    print(f"best validation accuracy {'none' if accuracy is None else f'{accuracy:.4f}'} after "
           f"{result['epochs_completed']} epochs in {result['wall_s']:.1f} s")
     print(f"best checkpoint: {result['best_checkpoint']}")
     print(f"run directory:   {run_dir}")

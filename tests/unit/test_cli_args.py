@@ -37,6 +37,11 @@ from tests.integration.cli import run_cli
      "argument --api-key: must be printable ASCII without spaces"),
     (["serve", "build", "ckpt", "--max-pixels", str(PILLOW_MAX_PIXELS + 1)],
      f"argument --max-pixels: must be at least 1 and at most {PILLOW_MAX_PIXELS}, got"),
+    # Empty, as from an unset shell variable: never a silent default, nor serving without a key.
+    (["serve", "ckpt", "--api-key", ""], "argument --api-key: must not be empty"),
+    (["train", "--storage", ""], "argument --storage: must not be empty"),
+    (["tune", "--output", " "], "argument --output: must not be empty"),
+    (["train", "--name", ""], "argument --name: must not be empty"),
 ])
 def test_numbers_out_of_range_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as done:
@@ -179,3 +184,9 @@ def test_tune_prints_its_own_recipe_with_the_overrides(tmp_path):
     tune = shown.stdout[shown.stdout.index("\ntune:\n"):]
     assert "\n  num_samples: 3\n" in tune and "\n  space:\n" in tune
     assert not list(tmp_path.iterdir())
+
+
+def test_a_path_under_a_user_that_does_not_exist_is_one_line(capsys):
+    assert cli.main(["evaluate", "~no-such-user-of-distdl/checkpoint"]) == 2
+    assert capsys.readouterr().err == ("error: a path starts with ~NAME, and there is no user "
+                                       "NAME: write ~/ for your home folder\n")
