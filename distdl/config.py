@@ -225,7 +225,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
-        return _build(cls, raw, prefix="")
+        return build_section(cls, raw, prefix="")
 
 
 def _check_seed(seed: int, field: str) -> None:
@@ -237,7 +237,7 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a nested dict, checking names and types on the way."""
     if not isinstance(raw, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
@@ -249,7 +249,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise UserError(f"unknown config field '{prefix}{key}'; known: {', '.join(sorted(names))}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+            kwargs[key] = build_section(kind, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, kind, f"{prefix}{key}")
     return cls(**kwargs)

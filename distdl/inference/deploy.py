@@ -82,7 +82,7 @@ def checked_checkpoint(path: str) -> tuple[str, str]:
                         "holds model.pt and meta.json, or the run directory that names it")
     _, meta = checkpoint.load_model(directory)
     task = meta.get("task", "image_classification")
-    if task not in PREFIXES:
+    if not isinstance(task, str) or task not in PREFIXES:
         raise UserError(f"checkpoint {path} is for task {task!r}; distdl serves "
                         f"{', '.join(PREFIXES)}")
     return str(directory), task

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import distdl
-from distdl.config import DataConfig, ModelConfig
+from distdl.config import DataConfig, ModelConfig, build_section
 from distdl.errors import UserError
 from distdl.train import rundir
 
@@ -121,15 +121,28 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
             and all(isinstance(c, str) for c in classes)):
         raise UserError(f"corrupt checkpoint metadata {path}: classes must be a list of at "
                         "least two names")
+    if not _normalization_fits(meta["normalization"], channels=shape[0]):
+        raise UserError(f"corrupt checkpoint metadata {path}: normalization must be "
+                        f'{{"mean": [...], "std": [...]}}, each one number per channel '
+                        f"({shape[0]}), the std above 0")
     return meta
 
 
+def _normalization_fits(norm: Any, *, channels: int) -> bool:
+    def numbers(values: Any) -> bool:
+        return (isinstance(values, list) and len(values) == channels
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values))
+
+    return (isinstance(norm, dict) and numbers(norm.get("mean")) and numbers(norm.get("std"))
+            and all(v > 0 for v in norm["std"]))
+
+
 def section(meta: dict[str, Any], name: str, kind: type[T], directory: str | Path) -> T:
-    """A config section of the metadata, e.g. the model's; a UserError when it is missing or
-    holds fields that this version does not know."""
+    """A config section of the metadata, e.g. the model's, with its fields' names and types
+    checked as a config file's are; a UserError when it is missing or does not check."""
     try:
-        return kind(**meta[name])
-    except (KeyError, TypeError) as exc:
+        return build_section(kind, meta.get(name), prefix=f"{name}.")
+    except UserError as exc:
         raise UserError(f"corrupt checkpoint metadata {Path(directory) / META_FILE}: its "
                         f"'{name}' section cannot be read ({exc})") from None
 

@@ -50,11 +50,25 @@ def test_damaged_checkpoints_are_user_errors(tmp_path):
     ("input_shape", [1, 8, "8"], "input_shape must be [C, H, W]"),
     ("classes", "abc", "classes must be a list of at least two names"),
     ("classes", ["a"], "classes must be a list of at least two names"),
+    ("normalization", "x", 'normalization must be {"mean": [...], "std": [...]}, each one'),
+    ("normalization", {}, "normalization must be"),
+    ("normalization", {"mean": [0.3], "std": [0.0]}, "the std above 0"),
+    ("normalization", {"mean": [0.3, 0.3], "std": [0.2, 0.2]}, "one number per channel (1)"),
 ])
 def test_metadata_of_the_wrong_shape_is_named(tmp_path, field, value, message):
     (tmp_path / "meta.json").write_text(json.dumps({**_meta(), field: value}))
     with pytest.raises(UserError, match=re.escape(message)):
         checkpoint.load_meta(tmp_path)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"name": 5}, "model.name must be"),
+    ({"width": 1.5}, "model.width must be"),
+])
+def test_a_section_of_the_wrong_types_is_named(tmp_path, model, message):
+    meta = {**_meta(), "model": {**_meta()["model"], **model}}
+    with pytest.raises(UserError, match=f"its 'model' section cannot be read \\({message}"):
+        checkpoint.section(meta, "model", ModelConfig, tmp_path)
 
 
 def test_a_missing_section_is_named(tmp_path):

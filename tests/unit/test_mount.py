@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import pytest
 
 from distdl.bench.serve import make_checkpoint
@@ -42,3 +46,12 @@ def test_name_equals_path_mounts_at_the_name(checkpoint_with_equals):
 def test_bad_mounts_say_what_is_wrong(spec, message, checkpoint_with_equals):
     with pytest.raises(UserError, match=message):
         mount(spec.replace("{ckpt}", checkpoint_with_equals))
+
+
+@pytest.mark.parametrize("task", ["detection", [1]])
+def test_a_checkpoint_for_another_task_is_refused(checkpoint_with_equals, tmp_path, task):
+    copy = shutil.copytree(checkpoint_with_equals, tmp_path / "ckpt")
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "task": task}))
+    with pytest.raises(UserError, match=re.escape(f"is for task {task!r}; distdl serves")):
+        checked_checkpoint(str(copy))
