@@ -571,6 +571,10 @@ def cmd_evaluate(args) -> int:
 
     checkpoint = evaluate.locate(args.checkpoint)  # before the seconds that starting Ray takes
     rundir.check_writable(Path(args.output), "--output")
+    if args.data:
+        from distdl.data import sources
+
+        sources.check_source(args.data)
     runtime.connect(args.address)
     report = evaluate.evaluate(checkpoint, data=args.data, output=Path(args.output))
     print(evaluate.format_report(report))

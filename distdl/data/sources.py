@@ -94,12 +94,16 @@ class ImageData:
 
 def check_source(source: str) -> Path | None:
     """The path that a file source names (None for digits and shapes); a UserError for an
-    unknown source or a missing path. It reads nothing, so the CLI checks before Ray starts."""
+    unknown source, a missing path, or a folder not laid out as its kind needs. It reads no
+    data, so the CLI checks before Ray starts."""
     kind, _, rest = source.partition(":")
     if source in ("digits", "shapes"):
         return None
     if kind in _FILE_LOADERS and rest:
-        return _existing(rest, source)
+        path = _existing(rest, source)
+        if kind in _LAYOUT_CHECKS:  # a glance at the folder, not a read of the data
+            _LAYOUT_CHECKS[kind](path)
+        return path
     raise UserError(f"unknown dataset '{source}'; choose digits, shapes, imagefolder:PATH, "
                     "parquet:PATH or cifar10:PATH")
 
@@ -167,14 +171,7 @@ def _shapes(cfg: DataConfig, size: tuple[int, int] | None) -> tuple[np.ndarray, 
 
 
 def _cifar10(cfg: DataConfig, path: Path, size: tuple[int, int] | None, whole: bool) -> ImageData:
-    root = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-    if not (root / "batches.meta").is_file():
-        raise UserError(f"{root} is not a CIFAR-10 folder: expected batches.meta and data_batch_1.."
-                        "data_batch_5 / test_batch (the python version, cifar-10-batches-py)")
-    present = [name for name in _CIFAR_BATCHES if (root / name).is_file()]
-    if not present:
-        raise UserError(f"{root} holds none of the CIFAR-10 batches data_batch_1..data_batch_5 "
-                        "and test_batch")
+    root, present = _cifar_batches(path)
     if len(present) < len(_CIFAR_BATCHES):
         log.warning("%s: reading only %s of the six CIFAR-10 batches", root, ", ".join(present))
     parts = [_cifar_batch(root / name) for name in present]
@@ -188,6 +185,19 @@ def _cifar10(cfg: DataConfig, path: Path, size: tuple[int, int] | None, whole: b
                         "its batches use (label_names)")
     classes = [_text(name) for name in names]
     return _from_arrays(images, labels, classes, cfg, size, whole)
+
+
+def _cifar_batches(path: Path) -> tuple[Path, list[str]]:
+    """The CIFAR-10 folder at or in `path`, and the names of the batches it holds."""
+    root = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    if not (root / "batches.meta").is_file():
+        raise UserError(f"{root} is not a CIFAR-10 folder: expected batches.meta and data_batch_1.."
+                        "data_batch_5 / test_batch (the python version, cifar-10-batches-py)")
+    present = [name for name in _CIFAR_BATCHES if (root / name).is_file()]
+    if not present:
+        raise UserError(f"{root} holds none of the CIFAR-10 batches data_batch_1..data_batch_5 "
+                        "and test_batch")
+    return root, present
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -342,12 +352,7 @@ _SHAPE_MASKS: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = [
 
 def _imagefolder(cfg: DataConfig, root: Path, size: tuple[int, int] | None,
                  whole: bool) -> ImageData:
-    if not root.is_dir():
-        raise UserError(f"imagefolder {root} is not a folder (expected one sub-folder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise UserError(f"imagefolder {root} has no class folders; put each class's images "
-                        "in a sub-folder named after the class")
+    classes = _class_folders(root)
     files = sorted(str(p) for c in classes for p in (root / c).rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
@@ -359,6 +364,16 @@ def _imagefolder(cfg: DataConfig, root: Path, size: tuple[int, int] | None,
         fn_kwargs={"root": str(root), "classes": classes, "size": size,
                    "seed": cfg.seed, "val_fraction": cfg.val_fraction})
     return _finish(decoded, classes, size, cfg.source, whole)
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise UserError(f"imagefolder {root} is not a folder (expected one sub-folder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"imagefolder {root} has no class folders; put each class's images "
+                        "in a sub-folder named after the class")
+    return classes
 
 
 def _decode_folder_batch(batch: dict[str, np.ndarray], *, root: str, classes: list[str],
@@ -579,6 +594,9 @@ def _select(batch: dict[str, np.ndarray], *, want_val: bool, channels: int) -> d
 
 _FILE_LOADERS: dict[str, Callable[[DataConfig, Path], ImageData]] = {
     "imagefolder": _imagefolder, "parquet": _parquet, "cifar10": _cifar10,
+}
+_LAYOUT_CHECKS: dict[str, Callable[[Path], Any]] = {
+    "imagefolder": _class_folders, "cifar10": _cifar_batches,
 }
 
 

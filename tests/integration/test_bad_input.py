@@ -63,6 +63,10 @@ BEFORE_RAY = [
      "cannot use storage s3://b/r"),
     (["tune", "--storage", "s3://b/r?endpoint_override=127.0.0.1:1&scheme=http"],
      "cannot use storage s3://b/r"),
+    (["train", "--storage", "s3://"], "cannot use storage s3://: it names no bucket or folder"),
+    (["train", "--set", "data.source=imagefolder:{tmp}/file"], "{tmp}/file is not a folder"),
+    (["train", "--set", "data.source=imagefolder:{tmp}"], "has no class folders"),
+    (["tune", "--set", "data.source=cifar10:{tmp}"], "is not a CIFAR-10 folder"),
 ]
 
 
