@@ -101,7 +101,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with config sections (data, model, optim, train, tune)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--name", type=_nonempty, help="run name (default from the recipe); rerun a name to resume")
+    parser.add_argument("--name", type=_nonempty,
+                        help="run name (default from the recipe); rerun a name to resume")
 
 
 def _default_storage() -> str:
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--storage", type=_nonempty, default=_default_storage(),
                        help="where checkpoints go: a directory or a URI such as s3://bucket/path "
                             "(default: ./runs or DISTDL_STORAGE)")
-    train.add_argument("--output", type=_nonempty, help="run directory (default: STORAGE/NAME for local storage)")
+    train.add_argument("--output", type=_nonempty,
+                       help="run directory (default: STORAGE/NAME for local storage)")
 
     tune = sub.add_parser("tune", help="search hyperparameters: one distributed training per trial")
     _config_args(tune)
@@ -151,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", type=_nonempty, default=_default_storage(),
                       help="where trials and checkpoints go: a directory or a URI "
                            "(default: ./runs or DISTDL_STORAGE)")
-    tune.add_argument("--output", type=_nonempty, help="folder for tune_result.json, trials.csv and "
-                                       "tune_curves.png (default: STORAGE/NAME for local storage)")
+    tune.add_argument("--output", type=_nonempty,
+                      help="folder for tune_result.json, trials.csv and tune_curves.png "
+                           "(default: STORAGE/NAME for local storage)")
     tune.add_argument("--resume", action="store_true",
                       help="continue the interrupted search of the same --name and --storage")
 
@@ -270,7 +273,8 @@ def _serve_parsers(sub) -> None:
 
     build = sub.add_parser("serve build", help="write a Serve config file for checkpoints")
     _serve_options(build)
-    build.add_argument("-o", "--output", type=_nonempty, default="serve.yaml", help="(default serve.yaml)")
+    build.add_argument("-o", "--output", type=_nonempty, default="serve.yaml",
+                       help="(default serve.yaml)")
 
     update = sub.add_parser("serve update", help="swap the model of a running application")
     update.add_argument("name", help="the application, e.g. vision")

@@ -201,8 +201,8 @@ def read_result(run_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError:
         result = None
     if not isinstance(result, dict) or not _RESULT_KEYS <= result.keys():
-        raise UserError(f"cannot read {path}: it is not a finished run's result; delete it to "
-                        "train the run's last epoch again, or choose another --output")
+        raise UserError(f"cannot read {path}: it is not a finished run's result; delete it "
+                        "and rerun to write it again, or choose another --output")
     return result
 
 
