@@ -174,8 +174,11 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(load_state_dict(directory))
     except RuntimeError as exc:
+        # torch's first line only names the model class; the next one names a tensor.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
         raise UserError(f"checkpoint {directory} does not match its meta.json: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{detail[:300]}") from None
     return model.eval(), meta
 
 

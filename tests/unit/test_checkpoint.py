@@ -45,6 +45,13 @@ def test_damaged_checkpoints_are_user_errors(tmp_path):
     assert "weights_only=False" not in str(info.value)  # torch's advice would run the file
 
 
+def test_weights_of_another_model_name_the_tensor_that_differs(tmp_path):
+    model = build_model(ModelConfig(width=8), num_classes=3, in_channels=1, image_size=8)
+    checkpoint.save(tmp_path, model, {**_meta(), "classes": ["a", "b", "c", "d"]})
+    with pytest.raises(UserError, match=r"does not match its meta.json: size mismatch for "):
+        checkpoint.load_model(tmp_path)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("input_shape", [1, 8], "input_shape must be [C, H, W], got [1, 8]"),
     ("input_shape", [1, 8, "8"], "input_shape must be [C, H, W]"),
