@@ -35,14 +35,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise UserError(f"Ray address {address} is an HTTP address (a dashboard's, which "
+                        "`distdl submit` takes); give the cluster's HOST:PORT (port 6379 by "
+                        "default) in --address or RAY_ADDRESS")
     _quiet_ray_data()
     if ray.is_initialized():
         return _gcs_address()
     if address:
-        if address.startswith(("http://", "https://")):
-            raise UserError(f"Ray address {address} is an HTTP address (a dashboard's, which "
-                            "`distdl submit` takes); give the cluster's HOST:PORT (port 6379 by "
-                            "default) in --address or RAY_ADDRESS")
         _prepare_to_join(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
