@@ -52,7 +52,9 @@ def make_meta(
         "data": dataclasses.asdict(data),
         "versions": {
             "distdl": distdl.__version__,
-            "torch": torch.__version__,
+            # Plain text: torch's own version type would make every process that unpickles
+            # the meta import torch, Ray Train's controller included.
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
         },
     }

@@ -1,4 +1,4 @@
-"""The driver of a training run: data, resources, the TorchTrainer, and the run directory."""
+"""The driver of a training run: data, resources, the Ray Train trainer, and the run directory."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.fs
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from distdl import provenance, runtime
 from distdl.config import Config
@@ -23,9 +23,11 @@ from distdl.errors import UserError, failure_line
 from distdl.models import build_checked, build_model
 from distdl.storage import probe
 from distdl.train import checkpoint, rundir
+from distdl.train.backend import TorchDistributed
 from distdl.train.data_split import WorkerShards
 from distdl.train.recorder import EpochRecorder
-from distdl.train.worker import WorkerSpec, train_loop_per_worker
+from distdl.train.spec import WorkerSpec
+from distdl.train.worker import train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers (every 2 s by default), and
 # ray.train.report waits for it: with epochs shorter than that, the poll sets the pace. The
@@ -115,8 +117,9 @@ def build_trainer(
     callbacks: list[ray.train.UserCallback] = (),
     name: str | None = None,
     keep_best_by: tuple[str, str] = ("val_accuracy", "max"),
-) -> TorchTrainer:
-    """The TorchTrainer for `cfg`; `distdl train` and each Tune trial build it the same way.
+) -> DataParallelTrainer:
+    """The trainer for `cfg`; `distdl train` and each Tune trial build it the same way. It is
+    Ray Train's TorchTrainer with a backend that imports torch on the workers only (backend.py).
 
     `keep_best_by` (metric, "max" or "min") ranks the checkpoints that are kept.
     """
@@ -142,8 +145,9 @@ def build_trainer(
         callbacks=list(callbacks),
     )
     spec = worker_spec(cfg, data)
-    return TorchTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker,
+        backend_config=TorchDistributed(),
         train_loop_config={"spec": spec},
         scaling_config=scaling,
         run_config=run,
@@ -176,7 +180,7 @@ def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def fit(trainer: TorchTrainer) -> ray.train.Result:
+def fit(trainer: DataParallelTrainer) -> ray.train.Result:
     """`trainer.fit()`, its failure a TrainingFailed and Ctrl-C a KeyboardInterrupt.
 
     On Ctrl-C, the SIGINT handler that fit installs aborts the run, which ends the controller

@@ -17,25 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from distdl import runtime
-from distdl.config import Config, TrainConfig
+from distdl.config import TrainConfig
 from distdl.models import build_model
 from distdl.train import checkpoint, loop, rundir, shm_allreduce
 from distdl.train.shard import InMemoryShard, Shard, StreamingShard, load_in_memory
+from distdl.train.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs, decided once on the driver."""
-
-    config: Config
-    meta: dict[str, Any]
-    """Checkpoint metadata fixed for the run (classes, input shape, normalization, ...)."""
-    in_memory: bool
-    """Keep the shard in memory as tensors (it fits the budget) instead of streaming it."""
-    steps_per_epoch: int
-    """Optimizer steps per epoch on every rank; equal on all ranks, or DDP would hang."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What Tune runs for each trial: one TorchTrainer, built exactly as `distdl train` builds it.
+"""What Tune runs for each trial: one Ray Train trainer, built exactly as `distdl train` builds it.
 
 The trial driver only coordinates (it reserves no CPU); the trial's Ray Train workers hold the
 resources. Each trial trains under its own run name, STORAGE/EXPERIMENT/TRIAL_ID/train, so a
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray import train, tune
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.util.queue import Empty, Queue
 
@@ -39,7 +39,7 @@ def run_trial(sampled: dict[str, Any], *, base: Config, data: PreparedData, stor
                                                   callbacks=callbacks))
 
 
-def fit_reporting(build: Callable[[list], TorchTrainer]) -> None:
+def fit_reporting(build: Callable[[list], DataParallelTrainer]) -> None:
     """Fit the trainer that `build(callbacks)` returns, and pass each of its reports to Tune
     from this thread, the trial's, until the last one.
 
@@ -77,7 +77,7 @@ class _Forward(train.UserCallback):
 class _Fit(threading.Thread):
     """trainer.fit() beside the trial thread; a daemon, so that a trial Tune stops ends."""
 
-    def __init__(self, trainer: TorchTrainer):
+    def __init__(self, trainer: DataParallelTrainer):
         super().__init__(name="distdl-fit", daemon=True)
         self.trainer, self.error = trainer, None
 
@@ -89,8 +89,8 @@ class _Fit(threading.Thread):
 
 
 def trial_trainer(cfg: Config, data: PreparedData, *, storage: str,
-                  callbacks: list) -> TorchTrainer:
-    """A trial's TorchTrainer. It keeps the checkpoints that the search's metric ranks best,
+                  callbacks: list) -> DataParallelTrainer:
+    """A trial's trainer. It keeps the checkpoints that the search's metric ranks best,
     so that the best epoch's checkpoint is still there at the end. It reports every epoch:
     Tune's schedulers count reports as epochs (ASHA's rungs, grace_period)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, report_interval_s=0.0))

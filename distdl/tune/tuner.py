@@ -1,7 +1,7 @@
 """The driver of a search: resources, the Tuner (new or restored), its saved config, and the
 summary files.
 
-Tuner -> trial driver (driver.py, one TorchTrainer per trial) -> Ray Train workers. The data is
+Tuner -> trial driver (driver.py, one Ray Train trainer per trial) -> Ray Train workers. The data is
 loaded once here and shared by every trial through the object store.
 """
 

@@ -1,5 +1,6 @@
-"""DDP is real: two Ray Train workers end with identical weights, equal to one process's.
-Batch-norm statistics, which distdl does not sync every step, are averaged across ranks."""
+"""DDP is real: two Ray Train workers, with distdl's torch.distributed backend, end with
+identical weights, equal to one process's. Batch-norm statistics, which distdl does not sync
+every step, are averaged across ranks."""
 
 import copy
 import signal
@@ -7,12 +8,14 @@ import signal
 import pytest
 import ray.train
 import torch
-from ray.train.torch import TorchTrainer, prepare_model
+from ray.train.torch import prepare_model
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from torch import nn
 
 from distdl.config import ModelConfig, OptimConfig
 from distdl.models import build_model
 from distdl.train import loop, shm_allreduce
+from distdl.train.backend import TorchDistributed
 from distdl.train.worker import _average_buffers
 
 STEPS, LOCAL_BATCH, WORLD = 4, 16, 2
@@ -84,8 +87,9 @@ def _batch_norm_statistics(rank):
 def ddp_run(ray_address, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     ctrl_c = signal.getsignal(signal.SIGINT)
-    TorchTrainer(
+    DataParallelTrainer(
         _worker,
+        backend_config=TorchDistributed(),
         train_loop_config={"out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD),
         run_config=ray.train.RunConfig(storage_path=str(out / "storage"), name="ddp"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -291,3 +293,28 @@ def test_a_local_ray_turns_off_what_only_a_cluster_uses(ray_address):
     # Ray Train reads both in the driver as each run starts; the shared Ray is a local one.
     assert os.environ.get("RAY_TRAIN_METRICS_ENABLED") == "0"
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == "0"
+
+
+def test_what_ray_trains_controller_unpickles_does_not_import_torch(ray_address, tmp_path):
+    """Ray Train's controller unpickles the run's settings (the training function's config, the
+    backend, the callbacks); in a process without torch, that must not import it, or the
+    controller spends a core-second on it at every start (backend.py)."""
+    from ray import cloudpickle
+
+    from distdl import recipes
+    from distdl.config import resolve
+    from distdl.train import trainer
+    from distdl.train.recorder import EpochRecorder
+
+    cfg = resolve(recipes.get("debug"), None, [])
+    built = trainer.build_trainer(cfg, trainer.prepare_data(cfg), storage=str(tmp_path),
+                                  callbacks=[EpochRecorder(tmp_path)])
+    pickled = tmp_path / "run_context.pkl"
+    pickled.write_bytes(cloudpickle.dumps(built.train_run_context))
+    code = ("import pickle, sys; context = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "assert context.train_loop_config['spec'].steps_per_epoch > 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", code, str(pickled)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
