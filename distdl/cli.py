@@ -386,9 +386,7 @@ def cmd_train(args) -> int:
     rundir.check_writable(run_dir)
     recorded = rundir.epochs_recorded(cfg, run_dir)
     if rundir.finished(run_dir, recorded, cfg.train.epochs):
-        print(f"run '{cfg.name}' has trained {recorded} epochs already, so there is nothing to "
-              f"train: --set train.epochs=N (more than {recorded}) continues it, --name starts "
-              "another")
+        _nothing_to_train(cfg.name, recorded)
         _print_result(rundir.read_result(run_dir), run_dir)
         return 0
     from distdl.train import trainer  # torch and Ray Train: a finished run needs neither
@@ -397,6 +395,10 @@ def cmd_train(args) -> int:
     stored = None if recorded else trainer.stored_meta(storage, cfg.name)
     if stored is not None:
         _check_stored_run(cfg, stored, storage)
+        trained = stored.get("epoch")
+        if isinstance(trained, int) and trained >= cfg.train.epochs:
+            _nothing_to_train(cfg.name, trained, f" (its latest checkpoint is in {storage})")
+            return 0
     runtime.connect(args.address, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     print(f"training {cfg.model.name} on {cfg.data.source} with {cfg.train.num_workers} workers; "
           f"run directory {run_dir}")
@@ -418,6 +420,12 @@ def cmd_train(args) -> int:
         return 130
     _print_result(result, run_dir)
     return 0
+
+
+def _nothing_to_train(name: str, trained: int, where: str = "") -> None:
+    print(f"run '{name}' has trained {trained} epochs already{where}, so there is nothing to "
+          f"train: --set train.epochs=N (more than {trained}) continues it, --name starts "
+          "another")
 
 
 def _check_stored_run(cfg, meta: dict, storage: str) -> None:

@@ -149,8 +149,15 @@ def test_a_rerun_records_the_last_epoch_whose_report_was_lost(ray_address, tmp_p
     result = rundir.read_result(run_dir)
     assert result["epochs_completed"] == 2
     assert result["best_val_accuracy"] == max(m["val_accuracy"] for m in trained)
-    # The same name with a run directory elsewhere still resumes from the stored checkpoints.
-    elsewhere = run_cli(*common, "--output", str(tmp_path / "elsewhere"), address=ray_address)
+    # With a run directory elsewhere, the same name's stored checkpoints still count: the run
+    # has nothing left to train, and with more epochs it continues from them.
+    done = run_cli(*common, "--output", str(tmp_path / "done"), address=ray_address)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"run 'lost' has trained 2 epochs already (its latest checkpoint is in {tmp_path}), "
+            "so there is nothing to train") in done.stdout
+    assert not (tmp_path / "done" / rundir.METRICS_FILE).exists()
+    elsewhere = run_cli(*common, "--set", "train.epochs=3", "--output",
+                        str(tmp_path / "elsewhere"), address=ray_address)
     assert elsewhere.returncode == 0, elsewhere.stderr[-3000:]
     assert (f"continuing run 'lost' from its latest checkpoint in {tmp_path}/lost, although "
             f"{tmp_path / 'elsewhere'} records none of its epochs") in elsewhere.stdout
