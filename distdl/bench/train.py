@@ -113,7 +113,7 @@ def bare_loop(cfg: Config, images: torch.Tensor, labels: torch.Tensor, *, thread
 
 
 def ray_train_floor(workers: int, cpus_per_worker: float) -> float:
-    """Seconds from launching the plainest TorchTrainer (train_floor.py) to its training
+    """Seconds from launching the plainest Ray Train run (train_floor.py) to its training
     function: the part of distdl's start-up that Ray Train itself takes on this machine."""
     with tempfile.TemporaryDirectory() as directory:
         launched = time.time()
@@ -136,6 +136,6 @@ def format_report(report: dict[str, Any]) -> str:
         f"  distdl epoch, start to start {report['epoch_period_s'] * 1000:.0f} ms"
         " on average (steps, validation, checkpoints, reports)",
         f"  command start -> first step  {report['seconds_to_first_step']:.1f} s"
-        f"   (the plainest TorchTrainer: {report['ray_train_floor_s']:.1f} s)",
+        f"   (the plainest Ray Train run: {report['ray_train_floor_s']:.1f} s)",
         f"  command start -> end         {report['seconds_to_end']:.1f} s",
     ])

@@ -24,7 +24,7 @@ def test_train_benchmark_reports_the_ratio_and_the_fixed_overhead(tmp_path):
     epochs_s = report["seconds_to_end"] - report["seconds_to_first_step"]
     # Three epochs: the one period is from the second's start to the third's.
     assert 0 < report["epoch_period_s"] < epochs_s / 2
-    assert report["ray_train_floor_s"] > 0  # the plainest TorchTrainer really ran
-    assert "plainest TorchTrainer" in done.stdout
+    assert report["ray_train_floor_s"] > 0  # the plainest Ray Train run really ran
+    assert "plainest Ray Train run" in done.stdout
     assert (report["epochs"], report["workers"], report["model"]) == (3, 2, "small_cnn")
     assert "ratio vs bare" in done.stdout
