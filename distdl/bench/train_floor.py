@@ -4,9 +4,10 @@
 
 Started as `distdl train` starts (a local Ray on loopback with the same CPUs, the same
 torch.distributed backend), with no data, no model and no checkpoint: rank 0's training function
-only writes the time it was entered to DIRECTORY/entered, and Ray Train keeps its run there. `distdl bench train` times this process
-from its launch, so the figure counts the same kind of imports and start-up as distdl's
-"command start -> first step", and the difference is what distdl adds.
+only writes the time it was entered to DIRECTORY/entered, and Ray Train keeps its run there.
+`distdl bench train` times this process from its launch, so the figure counts the same kind of
+imports and start-up as distdl's "command start -> first step", and the difference is what
+distdl adds.
 """
 
 from __future__ import annotations
