@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,13 @@ def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise UserError(f"cannot write to {run_dir}: {folder} is a file; choose another {flags}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {run_dir}: {folder} is not writable")
+    # A file that is made and gone, rather than os.access: root passes that check anywhere,
+    # /proc and /sys included, and would then fail after Ray starts. On Linux the file has no
+    # name (O_TMPFILE), so nothing shows up in the user's folder.
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        raise UserError(f"cannot write to {run_dir}: {folder} is not writable") from None
 
 
 # What a resumed run must keep: its checkpoints hold this model trained on this data, and its

@@ -1,6 +1,9 @@
-"""What a rerun of `distdl train` may change in a run it continues, and a damaged run folder."""
+"""What a rerun of `distdl train` may change in a run it continues, a damaged run folder, and
+where a run folder can go."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +89,20 @@ def test_damaged_run_files_are_one_line(run_dir):
     (run_dir / rundir.CONFIG_FILE).write_text("optim: [1, 2\n")
     with pytest.raises(UserError, match="cannot read .*config.yaml"):
         rundir.epochs_recorded(_config(), run_dir)
+
+
+def test_an_output_folder_that_can_be_made_passes_and_leaves_nothing(tmp_path):
+    rundir.check_writable(tmp_path / "runs" / "digits")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(UserError, match="notes is a file; choose another --output"):
+        rundir.check_writable(tmp_path / "notes" / "run")
+
+
+def test_an_output_folder_under_proc_is_refused_even_for_root():
+    # os.access says yes to root here; making a file says no.
+    with pytest.raises(UserError, match=r"cannot write to /proc/distdl-run: /proc is not writable"):
+        rundir.check_writable(Path("/proc/distdl-run"))
