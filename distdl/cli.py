@@ -812,6 +812,10 @@ def _check_writable(path: str) -> None:
         raise UserError(f"cannot write {path}: no folder {folder}")
     if Path(path).is_dir():
         raise UserError(f"cannot write {path}: it is a folder; name a file in it")
+    from distdl.train.rundir import can_write_in
+
+    if not can_write_in(folder):
+        raise UserError(f"cannot write {path}: {folder} is not writable")
 
 
 def _interrupt(signum, frame) -> None:

@@ -53,13 +53,19 @@ def check_writable(run_dir: Path, flags: str = "--output or --storage") -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise UserError(f"cannot write to {run_dir}: {folder} is a file; choose another {flags}")
-    # A file that is made and gone, rather than os.access: root passes that check anywhere,
-    # /proc and /sys included, and would then fail after Ray starts. On Linux the file has no
-    # name (O_TMPFILE), so nothing shows up in the user's folder.
+    if not can_write_in(folder):
+        raise UserError(f"cannot write to {run_dir}: {folder} is not writable")
+
+
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, by making one that is gone at once. os.access
+    says yes to root anywhere, /proc and /sys included, where the real write fails later. On
+    Linux the file has no name (O_TMPFILE), so nothing shows up in the user's folder."""
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError:
-        raise UserError(f"cannot write to {run_dir}: {folder} is not writable") from None
+        return False
+    return True
 
 
 # What a resumed run must keep: its checkpoints hold this model trained on this data, and its

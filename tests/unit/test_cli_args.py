@@ -79,6 +79,17 @@ def test_a_serve_config_written_over_a_folder_is_refused(tmp_path, capsys):
                                       "file in it\n"
 
 
+@pytest.mark.parametrize("argv", [
+    ["serve", "build", "ckpt", "-o", "/proc/serve.yaml"],
+    ["bench", "step", "--json", "/proc/step.json"],
+])
+def test_a_file_in_a_folder_that_takes_none_is_refused_before_any_work(argv, capsys):
+    # As root, os.access says /proc is writable; the write itself would fail later.
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {argv[-1]}: /proc is not "
+                                       "writable\n")
+
+
 def test_a_jobs_address_with_a_placeholder_port_is_one_line():
     # In a process of its own: an address sets Ray's environment (RAY_AUTH_MODE) as the
     # command starts, and this session's Ray must not see it.
