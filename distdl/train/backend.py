@@ -12,6 +12,7 @@ run on the workers.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,8 @@ import ray
 import ray.train
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework
+
+log = logging.getLogger(__name__)
 
 # A rank waits this long for the others at a collective; Ray Train's TorchConfig default.
 TIMEOUT_S = 1800
@@ -61,7 +64,7 @@ class _Backend(Backend):
         try:
             ray.get(worker_group.execute_async(_leave), timeout=30)
         except ray.exceptions.GetTimeoutError:
-            pass
+            log.warning("torch.distributed did not shut down within 30 s on every worker")
 
 
 class _CurrentDevice:
@@ -77,8 +80,8 @@ class _CurrentDevice:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
 
-    def __exit__(self, *exc_info) -> bool:
-        return False
+    def __exit__(self, *exc_info) -> None:
+        pass
 
 
 def _address_and_port() -> tuple[str, int]:

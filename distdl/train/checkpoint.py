@@ -178,7 +178,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as exc:
         # torch's first line only names the model class; the next one names a tensor.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+        detail = (lines[1:] or lines or [type(exc).__name__])[0]
         raise UserError(f"checkpoint {directory} does not match its meta.json: "
                         f"{detail[:300]}") from None
     return model.eval(), meta
