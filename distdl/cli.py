@@ -375,8 +375,6 @@ def _print_config(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from distdl import runtime
-    from distdl.progress import EpochPrinter
     from distdl.train import rundir
 
     cfg = _config(args)
@@ -389,7 +387,16 @@ def cmd_train(args) -> int:
         _nothing_to_train(cfg.name, recorded)
         _print_result(rundir.read_result(run_dir), run_dir)
         return 0
-    from distdl.train import trainer  # torch and Ray Train: a finished run needs neither
+    from distdl.train.model_check import ModelCheck
+
+    with ModelCheck() as check:  # first: it imports torch meanwhile, on a core of its own
+        return _train(cfg, args, run_dir, recorded, check)
+
+
+def _train(cfg, args, run_dir: Path, recorded: int, check) -> int:
+    from distdl import runtime
+    from distdl.progress import EpochPrinter
+    from distdl.train import trainer  # Ray Train: a finished run needs none of it
 
     storage = _check_before_ray(cfg, args.storage)
     stored = None if recorded else trainer.stored_meta(storage, cfg.name)
@@ -410,7 +417,7 @@ def cmd_train(args) -> int:
               f"although {run_dir} records none of its epochs; --name starts a new run")
     try:
         with EpochPrinter(run_dir, cfg.train.epochs):
-            result = trainer.train(cfg, storage=storage, run_dir=run_dir)
+            result = trainer.train(cfg, storage=storage, run_dir=run_dir, check=check)
     except trainer.TrainingFailed as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
@@ -446,7 +453,7 @@ def _check_before_ray(cfg, storage: str) -> str:
     """Check the model and data names and the storage while no Ray runs yet (a local one
     takes seconds to start); returns the storage, normalized."""
     from distdl.data import sources
-    from distdl.models import check_name
+    from distdl.model_names import check_name
     from distdl.train import trainer
 
     check_name(cfg.model.name)
@@ -598,15 +605,9 @@ def cmd_bench(args) -> int:
     if args.json:
         _check_writable(args.json)  # before minutes of measuring, not after
     if args.bench == "train":
-        from distdl.bench import train as bench_train
-        from distdl.train.trainer import TrainingFailed
-
-        try:
-            report = bench_train.run(_config(args), command_started=STARTED)
-        except TrainingFailed as exc:
-            print(f"error: training failed: {exc}", file=sys.stderr)
+        report = _bench_train(args)
+        if report is None:
             return 1
-        print(bench_train.format_report(report))
     elif args.bench == "step":
         from distdl.bench import step as bench_step
 
@@ -625,6 +626,24 @@ def cmd_bench(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _bench_train(args) -> dict | None:
+    """Runs and prints `distdl bench train`; None where training failed (printed)."""
+    from distdl.train.model_check import ModelCheck
+
+    cfg = _config(args)
+    with ModelCheck() as check:  # started as `distdl train` starts it, so the start-ups compare
+        from distdl.bench import train as bench_train
+        from distdl.train.trainer import TrainingFailed
+
+        try:
+            report = bench_train.run(cfg, command_started=STARTED, check=check)
+        except TrainingFailed as exc:
+            print(f"error: training failed: {exc}", file=sys.stderr)
+            return None
+    print(bench_train.format_report(report))
+    return report
 
 
 def _step_settings(args):
@@ -690,7 +709,7 @@ def _check_job_command(argv: list[str], working_dir: Path) -> None:
         job.config = str(working_dir / job.config)  # the job runs in working_dir's copy
     elif job.config and not Path(job.config).is_file():
         return  # a file on the cluster, which this machine may not have
-    from distdl.models import check_name
+    from distdl.model_names import check_name
 
     cfg = _config(job, TUNE_RECIPE if job.command == "tune" else None)
     check_name(cfg.model.name)

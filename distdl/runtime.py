@@ -181,13 +181,18 @@ def check_placeable(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> 
 _CPU_WORKER_BYTES_PER_PARAMETER = 8 * 4
 
 
-def check_memory(parameters: int, num_workers: int) -> None:
-    """Fail fast when CPU workers training a model of `parameters` cannot fit in memory."""
+def cluster_memory() -> float:
+    """Bytes of memory on the cluster's live nodes, as Ray counted them at their start."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     # Ray splits each node's free memory at start-up into these two.
-    have = sum(n.get("memory", 0.0) + n.get("object_store_memory", 0.0) for n in nodes)
+    return sum(n.get("memory", 0.0) + n.get("object_store_memory", 0.0) for n in nodes)
+
+
+def check_memory(parameters: int, num_workers: int, have: float) -> None:
+    """Fail fast when CPU workers training a model of `parameters` cannot fit in `have` bytes
+    (cluster_memory)."""
     need = parameters * _CPU_WORKER_BYTES_PER_PARAMETER * num_workers
     if need > have:
         raise UserError(

@@ -20,20 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from distdl import provenance, runtime
 from distdl.config import Config, TrainConfig
-from distdl.data.transforms import normalize, to_float_chw
 from distdl.errors import UserError
-from distdl.models import build_model
 from distdl.train import rundir, trainer
-from distdl.train.loop import make_optimizer
+from distdl.train.model_check import ModelCheck
 
 
-def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
+def run(cfg: Config, *, command_started: float,
+        check: ModelCheck | None = None) -> dict[str, Any]:
+    """`check`: started at the command's start, as `distdl train` starts it (trainer.train)."""
     import ray
 
     if cfg.train.use_gpu:
@@ -44,12 +40,16 @@ def run(cfg: Config, *, command_started: float) -> dict[str, Any]:
     threads = worker_threads(cfg.train)
     runtime.connect(None, num_cpus=runtime.local_cpus(cfg.train.worker_cpus()))
     with tempfile.TemporaryDirectory() as storage:
-        result = trainer.train(cfg, storage=storage, run_dir=Path(storage) / cfg.name)
+        result = trainer.train(cfg, storage=storage, run_dir=Path(storage) / cfg.name,
+                               check=check)
         history = rundir.read_metrics(Path(storage) / cfg.name)
     ended = time.time()
-    images, labels = _training_tensors(cfg)
+    # torch, only now: imported earlier, it would have slowed distdl's start-up (model_check.py)
+    from distdl.bench import bare_loop
+
+    images, labels = bare_loop.training_tensors(cfg)
     ray.shutdown()  # the baseline gets the machine to itself
-    bare = bare_loop(cfg, images, labels, threads=threads)
+    bare = bare_loop.samples_per_s(cfg, images, labels, threads=threads)
     floor = ray_train_floor(cfg.train.num_workers, cfg.train.cpus_per_worker)
     distdl_rate = statistics.median(m["samples_per_s"] for m in history[1:])
     starts = [m["started_at"] for m in history]
@@ -76,40 +76,6 @@ def worker_threads(train: TrainConfig) -> int:
     """The torch threads of all the workers together (worker.py gives each
     runtime.torch_threads): the bare loop gets as many."""
     return train.num_workers * runtime.torch_threads(train.cpus_per_worker)
-
-
-def _training_tensors(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training split, normalized, exactly as the distdl workers hold it."""
-    data = trainer.prepare_data(cfg)
-    batches = list(data.images.train.iter_batches(batch_size=None, batch_format="numpy"))
-    images = torch.from_numpy(np.concatenate([b["image"] for b in batches]))
-    labels = torch.from_numpy(np.concatenate([b["label"] for b in batches]).astype(np.int64))
-    norm = data.normalization
-    return normalize(to_float_chw(images), norm["mean"], norm["std"]), labels
-
-
-def bare_loop(cfg: Config, images: torch.Tensor, labels: torch.Tensor, *, threads: int) -> float:
-    """Steady-state samples/s of the plainest PyTorch loop: shuffle, slice, step."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, num_classes=int(labels.max()) + 1,
-                        in_channels=images.shape[1], image_size=images.shape[2])
-    optimizer = make_optimizer(model, cfg.optim)
-    loss_fn = nn.CrossEntropyLoss()
-    rates = []
-    batch = cfg.train.batch_size
-    for _ in range(cfg.train.epochs):
-        started, order = time.perf_counter(), torch.randperm(len(labels))
-        steps = len(labels) // batch
-        model.train()
-        for i in range(steps):
-            index = order[i * batch:(i + 1) * batch]
-            loss = loss_fn(model(images[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        rates.append(steps * batch / (time.perf_counter() - started))
-    return statistics.median(rates[1:])
 
 
 def ray_train_floor(workers: int, cpus_per_worker: float) -> float:

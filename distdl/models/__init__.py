@@ -9,12 +9,12 @@ from torch import nn
 
 from distdl.config import ModelConfig
 from distdl.errors import UserError
+from distdl.model_names import TORCHVISION, check_name, model_names
 from distdl.models.cnn import SmallCNN
 from distdl.models.resnet import ResNet18
 
-__all__ = ["ResNet18", "SmallCNN", "build_checked", "build_model", "model_names"]
-
-TORCHVISION = "torchvision:"
+__all__ = ["TORCHVISION", "ResNet18", "SmallCNN", "build_checked", "build_model", "check_name",
+           "model_names"]
 
 # Builder arguments some torchvision models need to train as plain classifiers on our inputs:
 # auxiliary heads would make forward return a tuple in training mode, and skipping their slow
@@ -23,23 +23,6 @@ _TV_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "init_weights": False},
     "inception_v3": {"aux_logits": False, "init_weights": False},
 }
-
-
-def model_names() -> list[str]:
-    """Every name build_model accepts: our own models, then each torchvision classifier."""
-    return ["small_cnn", "resnet18"] + [TORCHVISION + n for n in _torchvision_names()]
-
-
-def check_name(name: str) -> None:
-    """Raise a UserError for a name that build_model does not know, building nothing."""
-    if name in ("small_cnn", "resnet18"):
-        return
-    if not name.startswith(TORCHVISION):
-        raise UserError(f"unknown model '{name}'; choose small_cnn, resnet18 or torchvision:NAME "
-                        "(e.g. torchvision:mobilenet_v3_small)")
-    if name.removeprefix(TORCHVISION) not in _torchvision_names():
-        raise UserError(f"unknown torchvision model '{name.removeprefix(TORCHVISION)}'; choose "
-                        "one of: " + ", ".join(_torchvision_names()))
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -72,12 +55,6 @@ def build_checked(cfg: ModelConfig, *, num_classes: int, shape: tuple[int, int, 
                         f"{'x'.join(map(str, shape))} (C x H x W) at a time: {reason}; "
                         f"{fix}") from None
     return model
-
-
-def _torchvision_names() -> list[str]:
-    import torchvision  # on demand: importing it costs every Ray worker about 1.5 s
-
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:

@@ -12,15 +12,16 @@ import dataclasses
 import json
 import platform
 from pathlib import Path
-from typing import Any, TypeVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import distdl
 from distdl.config import DataConfig, ModelConfig, build_section
 from distdl.errors import UserError
 from distdl.train import rundir
+
+if TYPE_CHECKING:  # imported where used: `distdl train`'s driver reads and writes metadata only
+    import torch
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -40,8 +41,19 @@ def make_meta(
     input_shape: tuple[int, int, int],
     normalization: dict[str, list[float]],
     data: DataConfig,
+    torch_version: str | None = None,
 ) -> dict[str, Any]:
-    """Everything about a checkpoint that does not change from epoch to epoch."""
+    """Everything about a checkpoint that does not change from epoch to epoch.
+
+    `torch_version`: as torch.__version__ gives it, where the caller has it without importing
+    torch (the driver of `distdl train` gets it from model_check); None imports torch.
+    """
+    if torch_version is None:
+        import torch
+
+        # Plain text: torch's own version type would make every process that unpickles the
+        # meta import torch, Ray Train's controller included.
+        torch_version = str(torch.__version__)
     return {
         "format": FORMAT_VERSION,
         "task": "image_classification",
@@ -52,9 +64,7 @@ def make_meta(
         "data": dataclasses.asdict(data),
         "versions": {
             "distdl": distdl.__version__,
-            # Plain text: torch's own version type would make every process that unpickles
-            # the meta import torch, Ray Train's controller included.
-            "torch": str(torch.__version__),
+            "torch": torch_version,
             "python": platform.python_version(),
         },
     }
@@ -66,6 +76,8 @@ def save(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> Path:
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
@@ -150,6 +162,8 @@ def section(meta: dict[str, Any], name: str, kind: type[T], directory: str | Pat
 
 
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    import torch
+
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"not a distdl checkpoint: {directory} has no {MODEL_FILE}")
@@ -185,4 +199,6 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any]:
+    import torch
+
     return torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,7 +1,7 @@
-"""What the driver decides once for every worker of a run.
+"""What the driver hands every worker of a run: what it decided once, and the training function.
 
-Ray Train's controller unpickles it too (it keeps the training function's config), so this
-module imports no torch: the controller would otherwise import it for nothing at every start.
+Ray Train's controller unpickles the spec too (it keeps the training function's config), so this
+module imports no torch: the controller, and the driver, would otherwise import it for nothing.
 """
 
 from __future__ import annotations
@@ -23,3 +23,11 @@ class WorkerSpec:
     """Keep the shard in memory as tensors (it fits the budget) instead of streaming it."""
     steps_per_epoch: int
     """Optimizer steps per epoch on every rank; equal on all ranks, or DDP would hang."""
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's training function: worker.py's, which the workers import (and torch with
+    it), and the driver does not."""
+    from distdl.train import worker
+
+    worker.train_loop_per_worker(loop_config)

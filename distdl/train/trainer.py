@@ -13,21 +13,19 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
-import torch
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from distdl import provenance, runtime
+from distdl import runtime
 from distdl.config import Config
 from distdl.data.sources import ImageData, load_images, normalization_stats
 from distdl.errors import UserError, failure_line
-from distdl.models import build_checked, build_model
 from distdl.storage import probe
 from distdl.train import checkpoint, rundir
 from distdl.train.backend import TorchDistributed
 from distdl.train.data_split import WorkerShards
+from distdl.train.model_check import ModelCheck
 from distdl.train.recorder import EpochRecorder
-from distdl.train.spec import WorkerSpec
-from distdl.train.worker import train_loop_per_worker
+from distdl.train.spec import WorkerSpec, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers (every 2 s by default), and
 # ray.train.report waits for it: with epochs shorter than that, the poll sets the pace. The
@@ -60,8 +58,10 @@ def prepare_data(cfg: Config) -> PreparedData:
     return PreparedData(images, normalization_stats(images.train), images.train.count())
 
 
-def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
-    """Decide, once, how workers hold their shard and how many steps an epoch has."""
+def worker_spec(cfg: Config, data: PreparedData, check: ModelCheck | None = None) -> WorkerSpec:
+    """Decide, once, how workers hold their shard and how many steps an epoch has. `check`,
+    started earlier, checks the model (a new one by default): a bad model fails here, in one
+    line, before any worker starts."""
     channels, height, width = data.images.image_shape
     rows_per_worker = data.train_rows // cfg.train.num_workers
     shard_mb = rows_per_worker * channels * height * width * 4 / 2**20  # float32 tensors
@@ -76,22 +76,21 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
             f"training examples allow for {cfg.train.num_workers} workers (the smallest "
             f"worker's share is {smallest}); lower train.batch_size"
         )
-    num_classes = len(data.images.classes)
-    # Counted on the meta device, which allocates nothing: a model too large for the workers
-    # is refused before the driver builds one.
-    parameters = count_parameters(cfg, num_classes, channels, height)
-    if not cfg.train.use_gpu:
-        runtime.check_memory(parameters, cfg.train.num_workers)
-    # Built once here so a bad model argument fails before any worker starts; a worker's
-    # batch is its share of the global one (2 images stand for any larger batch).
-    build_checked(cfg.model, num_classes=num_classes, shape=data.images.image_shape,
-                  batch=min(2, cfg.train.batch_size_per_worker()))
+    check = check or ModelCheck()
+    # A worker's batch is its share of the global one (2 images stand for any larger batch).
+    cpu_workers = (None if cfg.train.use_gpu
+                   else (cfg.train.num_workers, runtime.cluster_memory()))
+    parameters = check.run(cfg.model, num_classes=len(data.images.classes),
+                           shape=data.images.image_shape,
+                           batch=min(2, cfg.train.batch_size_per_worker()),
+                           cpu_workers=cpu_workers)
     meta = checkpoint.make_meta(
         model=cfg.model,
         classes=data.images.classes,
         input_shape=data.images.image_shape,
         normalization=data.normalization,
         data=cfg.data,
+        torch_version=check.provenance["torch"],
     )
     meta["parameters"] = parameters
     # What a resume must keep beyond the model and data (rundir.RESUME_KEEPS): the optimizer
@@ -99,14 +98,6 @@ def worker_spec(cfg: Config, data: PreparedData) -> WorkerSpec:
     meta["optim"] = asdict(cfg.optim)
     meta["train"] = {"batch_size": cfg.train.batch_size}
     return WorkerSpec(config=cfg, meta=meta, in_memory=in_memory, steps_per_epoch=steps)
-
-
-def count_parameters(cfg: Config, num_classes: int, channels: int, image_size: int) -> int:
-    """The model's parameter count, from a model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_model(cfg.model, num_classes=num_classes, in_channels=channels,
-                            image_size=image_size)
-    return sum(p.numel() for p in model.parameters())
 
 
 def build_trainer(
@@ -117,11 +108,14 @@ def build_trainer(
     callbacks: list[ray.train.UserCallback] = (),
     name: str | None = None,
     keep_best_by: tuple[str, str] = ("val_accuracy", "max"),
+    check: ModelCheck | None = None,
 ) -> DataParallelTrainer:
     """The trainer for `cfg`; `distdl train` and each Tune trial build it the same way. It is
-    Ray Train's TorchTrainer with a backend that imports torch on the workers only (backend.py).
+    Ray Train's DataParallelTrainer with a backend that imports torch on the workers only
+    (backend.py), as does everything the driver runs (model_check.py).
 
-    `keep_best_by` (metric, "max" or "min") ranks the checkpoints that are kept.
+    `keep_best_by` (metric, "max" or "min") ranks the checkpoints that are kept; `check`
+    checks the model (worker_spec).
     """
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.train.num_workers,
@@ -144,7 +138,7 @@ def build_trainer(
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         callbacks=list(callbacks),
     )
-    spec = worker_spec(cfg, data)
+    spec = worker_spec(cfg, data, check)
     return DataParallelTrainer(
         train_loop_per_worker,
         backend_config=TorchDistributed(),
@@ -156,18 +150,26 @@ def build_trainer(
     )
 
 
-def train(cfg: Config, *, storage: str, run_dir: Path) -> dict[str, Any]:
+def train(cfg: Config, *, storage: str, run_dir: Path,
+          check: ModelCheck | None = None) -> dict[str, Any]:
     """Run (or resume) training for `cfg` in `storage` (as normalize_storage returns it); write
-    the run directory and return result.json.
+    the run directory and return result.json. `check`: a ModelCheck the caller started before
+    Ray, for the model (a new one by default); train closes it.
 
     The caller answers a finished run itself (rundir.finished): `distdl train` does so before
     starting Ray.
     """
     started = time.time()
-    runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
-    data = prepare_data(cfg)
-    trainer = build_trainer(cfg, data, storage=storage, callbacks=[EpochRecorder(run_dir)])
-    rundir.write_config(run_dir, cfg.to_dict(), provenance.collect())  # once the checks pass
+    check = check or ModelCheck()
+    try:
+        runtime.check_placeable(cfg.train.num_workers, cfg.train.cpus_per_worker,
+                                cfg.train.use_gpu)
+        data = prepare_data(cfg)
+        trainer = build_trainer(cfg, data, storage=storage, callbacks=[EpochRecorder(run_dir)],
+                                check=check)
+    finally:
+        check.close()
+    rundir.write_config(run_dir, cfg.to_dict(), check.provenance)  # once the checks pass
     rundir.clear_result(run_dir)
     result = fit(trainer)
     history = rundir.read_metrics(run_dir)

@@ -185,7 +185,7 @@ def _check_values(cfg: Config, param: Param) -> None:
         try:
             trial = apply(cfg, {param.field: value})
             if param.field == "model.name":
-                from distdl.models import check_name  # torch: only when a model name is searched
+                from distdl.model_names import check_name
 
                 check_name(trial.model.name)
         except UserError as exc:

@@ -325,3 +325,18 @@ def test_what_ray_trains_controller_unpickles_does_not_import_torch(ray_address,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_driver_of_distdl_train_imports_no_torch(ray_address, tmp_path):
+    """torch loads in the model check's process and the workers (model_check.py); here the
+    driver cannot import it at all, and the run still trains and records torch's version."""
+    code = ("import sys; sys.modules['torch'] = None; from distdl.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "train", "--recipe", "debug", "--set",
+                           "train.epochs=1", "--storage", str(tmp_path), "--output",
+                           str(tmp_path / "run"), "--address", ray_address],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = checkpoint.load_meta(rundir.read_result(tmp_path / "run")["best_checkpoint"])
+    assert meta["versions"]["torch"] == str(torch.__version__)
+    assert f"# torch: {torch.__version__}\n" in (tmp_path / "run" / rundir.CONFIG_FILE).read_text()
