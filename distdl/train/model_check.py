@@ -3,7 +3,7 @@
 `distdl train` refuses a model that cannot train on the data (a bad argument, an input too small
 for it, too many parameters for the workers' memory) before any worker starts, which takes
 building it once and counting its parameters, and so torch. Imported by the driver before Ray
-starts, torch kept one core busy for about 2 s while the other waited (see `MODULE`). The
+starts, torch kept one core busy for about 2 s while the other waited (README, Benchmark). The
 driver starts this process first instead, so torch loads on the idle core while the driver
 imports Ray and starts it, and sends it one request once the data's shape is known.
 
@@ -11,9 +11,9 @@ imports Ray and starts it, and sends it one request once the data's shape is kno
 
 reads one JSON request on stdin: the model config, the number of classes, the input shape
 (C, H, W), the batch of one worker's forward pass and, for CPU workers, their number and the
-cluster's memory. It answers one JSON line on stdout: the
-parameter count and the run's provenance (torch's version and the GPUs, as this machine's torch
-sees them), or the error line of a model that cannot train.
+cluster's memory. It answers one JSON line on stdout: the parameter count and the run's
+provenance (torch's version and the GPUs, as this machine's torch sees them), or the error
+line of a model that cannot train.
 """
 
 from __future__ import annotations

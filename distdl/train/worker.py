@@ -149,7 +149,10 @@ def fit(setup: _Setup, spec: WorkerSpec, train_data: Shard, val_data: Shard, ste
         node = _node()
         _report(setup, spec, [{**m, "node": node} for m in setup.restored_epochs], rank)
         return
-    unreported: list[dict[str, Any]] = []
+    # The epochs of the checkpoint restored from go out again with the first report: if the
+    # driver stopped after Ray Train took that checkpoint but before it recorded its epochs,
+    # the run directory lacks them. Recording them twice leaves one line each (recorder.py).
+    unreported: list[dict[str, Any]] = list(setup.restored_epochs)
     best_accuracy, reported_at = None, time.time()
     for epoch in range(setup.start_epoch, cfg.train.epochs + 1):
         started = time.time()

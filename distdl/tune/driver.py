@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.util.queue import Empty, Queue
 
 from distdl.config import Config
-from distdl.train import trainer
+from distdl.train import rundir, trainer
 from distdl.train.trainer import PreparedData
 from distdl.tune import space
 
@@ -71,7 +71,10 @@ class _Forward(train.UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         path = checkpoint.path if checkpoint else None
-        self.reports.put({**metrics[0], CHECKPOINT_PATH_KEY: path})
+        # Tune gets the latest epoch only: trials report every epoch, and the earlier ones a
+        # report may carry (those of a restored checkpoint, worker.py) reached Tune before.
+        latest = {k: v for k, v in metrics[0].items() if k != rundir.EARLIER_EPOCHS}
+        self.reports.put({**latest, CHECKPOINT_PATH_KEY: path})
 
 
 class _Fit(threading.Thread):

@@ -164,6 +164,25 @@ def test_a_rerun_records_the_last_epoch_whose_report_was_lost(ray_address, tmp_p
 
 
 @pytest.mark.slow
+def test_a_rerun_with_more_epochs_records_the_epochs_whose_report_was_lost(ray_address,
+                                                                           tmp_path):
+    """A run stopped after a checkpoint but before its report reached the driver continues from
+    that checkpoint; the epochs of the lost report are recorded with the first new one."""
+    common = ("train", "--recipe", "debug", "--name", "gap", "--storage", str(tmp_path))
+    first = run_cli(*common, "--set", "train.epochs=2", address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "gap"
+    trained = rundir.read_metrics(run_dir)
+    (run_dir / rundir.METRICS_FILE).write_text(json.dumps(trained[0]) + "\n")
+    (run_dir / rundir.RESULT_FILE).unlink()
+    second = run_cli(*common, "--set", "train.epochs=3", address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    recorded = rundir.read_metrics(run_dir)
+    assert [m["epoch"] for m in recorded] == [1, 2, 3]
+    assert recorded[1]["train_loss"] == trained[1]["train_loss"]  # as trained, not again
+
+
+@pytest.mark.slow
 def test_short_epochs_are_reported_together_and_a_lost_report_is_recovered(ray_address, tmp_path):
     """With a learning rate too small to change a prediction (and no batch norm, whose
     statistics would), no epoch after the first is a new best, so epochs 2 to 4 wait for the
