@@ -77,9 +77,9 @@ def worker_spec(cfg: Config, data: PreparedData, check: ModelCheck | None = None
             f"worker's share is {smallest}); lower train.batch_size"
         )
     check = check or ModelCheck()
-    # A worker's batch is its share of the global one (2 images stand for any larger batch).
     cpu_workers = (None if cfg.train.use_gpu
                    else (cfg.train.num_workers, runtime.cluster_memory()))
+    # A worker's batch is its share of the global one (2 images stand for any larger batch).
     parameters = check.run(cfg.model, num_classes=len(data.images.classes),
                            shape=data.images.image_shape,
                            batch=min(2, cfg.train.batch_size_per_worker()),
