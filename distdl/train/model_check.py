@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,9 +38,13 @@ class ModelCheck:
     """Starts the process at once; `run` asks it, once, and waits for its answer."""
 
     def __init__(self) -> None:
+        # The driver's own import path: it may have found distdl through a folder it added
+        # itself (jobs/train.py does, where a cluster has no distdl installed), and the check
+        # must build the models of that same distdl.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         self._process = subprocess.Popen([sys.executable, "-m", MODULE], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         text=True)
+                                         text=True, env=env)
         self.provenance: dict[str, Any] | None = None
         """provenance.collect() as the process found it, once `run` has returned."""
 

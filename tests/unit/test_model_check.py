@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distdl
 from distdl.config import ModelConfig
 from distdl.errors import UserError
 from distdl.models import build_checked, build_model
@@ -71,3 +73,21 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_the_check_builds_with_the_distdl_its_driver_imported(tmp_path) -> None:
+    """A driver that found distdl through a folder it put on sys.path itself, as jobs/train.py
+    does where distdl is not installed: its check must not use another distdl."""
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(distdl.__file__).parent, copy / "distdl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "distdl" / "__init__.py").write_text('__version__ = "the copy"\n')
+    code = (f"import sys; sys.path.insert(0, {str(copy)!r}); "
+            "from distdl.config import ModelConfig; "
+            "from distdl.train.model_check import ModelCheck; check = ModelCheck(); "
+            "check.run(ModelConfig(), num_classes=10, shape=(1, 8, 8), batch=2, "
+            "cpu_workers=None); print(check.provenance['distdl'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "the copy"
