@@ -3,8 +3,8 @@
 `distdl train` refuses a model that cannot train on the data (a bad argument, an input too small
 for it, too many parameters for the workers' memory) before any worker starts, which takes
 building it once and counting its parameters, and so torch. Imported by the driver before Ray
-starts, torch kept one core busy for about 2 s while the other waited (README, Benchmark). The
-driver starts this process first instead, so torch loads on the idle core while the driver
+starts, torch took about 2 s on one core, in series with the rest (README, Benchmark). The
+driver starts this process first instead, so torch loads on the other core while the driver
 imports Ray and starts it, and sends it one request once the data's shape is known.
 
     python -m distdl.train.model_check
