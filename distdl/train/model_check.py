@@ -30,7 +30,7 @@ from distdl.config import ModelConfig
 from distdl.errors import UserError
 
 MODULE = "distdl.train.model_check"
-# Building the largest torchvision models on CPU takes seconds; this only bounds a stuck process.
+# Only bounds a stuck process: the check waits for nothing but its own import and build.
 TIMEOUT_S = 300
 
 
